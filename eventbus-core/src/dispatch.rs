@@ -1,0 +1,369 @@
+//! The keyed dispatcher: strict order per aggregate, parallelism across aggregates, bounded memory.
+//!
+//! Deliveries are queued per key (the aggregate id). A key is handed to at most one worker at a time, so the
+//! events of one aggregate are handled one after the other in arrival order, while workers take other keys in
+//! parallel. A failing event is retried in place: its key stays with its worker through the backoff, so later
+//! events of that aggregate wait and every other aggregate goes on. The number of queued deliveries is bounded
+//! by a semaphore that the source waits on, which pushes back to the broker instead of buffering without end.
+//!
+//! The worker count is fixed by configuration; no task is spawned per message.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::Handler;
+use crate::config::RetryPolicy;
+use crate::envelope::wire::{self, DecodeError, WireMessage};
+use crate::envelope::Envelope;
+use crate::metrics::{bump, Counters};
+use crate::Result;
+
+/// One message handed to the dispatcher by a backend's source.
+pub struct Delivery {
+    /// The decoded event, or the raw message and why it could not be decoded.
+    pub message: Message,
+    /// Acknowledges the message to the broker once it is handled or dead-lettered.
+    pub acker: Box<dyn Acker>,
+}
+
+/// What a delivery carries.
+#[derive(Debug)]
+pub enum Message {
+    /// A decoded event.
+    Event(Arc<Envelope>),
+    /// A message that could not be decoded: it is dead-lettered as it is.
+    Undecodable {
+        /// The raw message.
+        wire: WireMessage,
+        /// Why decoding failed.
+        error: DecodeError,
+    },
+}
+
+impl Message {
+    fn key(&self) -> Arc<str> {
+        match self {
+            Message::Event(envelope) => Arc::from(envelope.aggregate_id.as_str()),
+            // Undecodable messages have no trustworthy aggregate; they share one key of their own.
+            Message::Undecodable { .. } => Arc::from(""),
+        }
+    }
+}
+
+/// Acknowledges one message to its broker.
+#[async_trait]
+pub trait Acker: Send + Sync + 'static {
+    /// Tells the broker the message is done with. An error is logged; the broker will deliver it again.
+    async fn ack(self: Box<Self>) -> Result<()>;
+}
+
+/// The acker of backends where taking a message from the source already settles it (the in-memory backend).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoAck;
+
+#[async_trait]
+impl Acker for NoAck {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Where dead-lettered messages are sent; a backend publishes them to its broker.
+#[async_trait]
+pub trait DeadLetterSink: Send + Sync + 'static {
+    /// Publishes `message` to `topic` and waits for the broker's ack.
+    async fn dead_letter(&self, topic: &str, message: WireMessage) -> Result<()>;
+}
+
+/// How the workers of one subscription treat each delivery.
+#[derive(Clone, Debug)]
+pub struct WorkerSettings {
+    /// Number of worker tasks.
+    pub concurrency: usize,
+    /// Deadline of one handler call.
+    pub handler_timeout: Duration,
+    /// Retries before dead-lettering.
+    pub retry: RetryPolicy,
+    /// Dead-letter topic; `None` when dead-lettering is off (the message is then logged and acked).
+    pub dead_letter_topic: Option<String>,
+}
+
+/// A keyed dispatcher for one topic and consumer group.
+#[derive(Clone)]
+pub struct Dispatcher {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    topic: String,
+    queues: Mutex<HashMap<Arc<str>, VecDeque<Queued>>>,
+    ready_tx: async_channel::Sender<Arc<str>>,
+    ready_rx: async_channel::Receiver<Arc<str>>,
+    capacity: Arc<Semaphore>,
+    counters: Arc<Counters>,
+    dead_letters: Arc<dyn DeadLetterSink>,
+}
+
+struct Queued {
+    delivery: Delivery,
+    attempts: u32,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Dispatcher {
+    /// A dispatcher for `topic` holding at most `capacity` deliveries that are not yet acked.
+    pub fn new(
+        topic: impl Into<String>,
+        capacity: usize,
+        counters: Arc<Counters>,
+        dead_letters: Arc<dyn DeadLetterSink>,
+    ) -> Self {
+        let (ready_tx, ready_rx) = async_channel::unbounded();
+        Self {
+            shared: Arc::new(Shared {
+                topic: topic.into(),
+                queues: Mutex::new(HashMap::new()),
+                ready_tx,
+                ready_rx,
+                capacity: Arc::new(Semaphore::new(capacity.max(1))),
+                counters,
+                dead_letters,
+            }),
+        }
+    }
+
+    /// Queues a delivery behind earlier ones of its key, waiting while the dispatcher is full. Cancel-safe:
+    /// if the returned future is dropped before it completes, nothing was queued.
+    pub async fn dispatch(&self, delivery: Delivery) {
+        let Ok(permit) = self.shared.capacity.clone().acquire_owned().await else {
+            return;
+        };
+        let key = delivery.message.key();
+        let queued = Queued {
+            delivery,
+            attempts: 0,
+            _permit: permit,
+        };
+        let newly_ready = {
+            let mut queues = lock(&self.shared.queues);
+            let queue = queues.entry(key.clone()).or_default();
+            queue.push_back(queued);
+            // A key with other deliveries queued is already ready or held by a worker.
+            queue.len() == 1
+        };
+        if newly_ready {
+            let _ = self.shared.ready_tx.try_send(key);
+        }
+    }
+
+    /// Deliveries queued or being handled.
+    pub fn pending(&self) -> usize {
+        lock(&self.shared.queues).values().map(VecDeque::len).sum()
+    }
+
+    /// Spawns `settings.concurrency` workers into `tasks`, calling `handler`. They stop taking work when `stop`
+    /// is cancelled; a worker stopped or aborted before it settled its delivery puts it back at the head of its
+    /// key's queue and counts it in `abandoned`.
+    pub fn spawn_workers(
+        &self,
+        tasks: &mut JoinSet<()>,
+        handler: Arc<dyn Handler>,
+        settings: WorkerSettings,
+        stop: CancellationToken,
+        abandoned: Arc<AtomicUsize>,
+    ) {
+        let settings = Arc::new(settings);
+        for _ in 0..settings.concurrency {
+            let worker = Worker {
+                shared: self.shared.clone(),
+                handler: handler.clone(),
+                settings: settings.clone(),
+                stop: stop.clone(),
+                abandoned: abandoned.clone(),
+            };
+            tasks.spawn(worker.run());
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The queues stay consistent even if a holder panicked: every critical section is a single push or pop.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    handler: Arc<dyn Handler>,
+    settings: Arc<WorkerSettings>,
+    stop: CancellationToken,
+    abandoned: Arc<AtomicUsize>,
+}
+
+/// The delivery a worker holds. Until it is settled, dropping the hold (worker stopped or aborted) returns
+/// the delivery to the head of its key's queue, so it is neither lost nor overtaken.
+struct Held<'a> {
+    shared: &'a Shared,
+    key: Arc<str>,
+    item: Option<Queued>,
+    abandoned: &'a AtomicUsize,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let more = {
+            let mut queues = lock(&self.shared.queues);
+            match self.item.take() {
+                Some(item) => {
+                    self.abandoned.fetch_add(1, Ordering::Relaxed);
+                    queues.entry(self.key.clone()).or_default().push_front(item);
+                    true
+                }
+                None => match queues.get(&self.key) {
+                    Some(queue) if !queue.is_empty() => true,
+                    _ => {
+                        queues.remove(&self.key);
+                        false
+                    }
+                },
+            }
+        };
+        if more {
+            // Back of the line: keys take turns with each other.
+            let _ = self.shared.ready_tx.try_send(self.key.clone());
+        }
+    }
+}
+
+enum Outcome {
+    Settled,
+    Stopped,
+}
+
+impl Worker {
+    async fn run(self) {
+        loop {
+            let key = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return,
+                key = self.shared.ready_rx.recv() => match key {
+                    Ok(key) => key,
+                    Err(_) => return,
+                },
+            };
+            let item = lock(&self.shared.queues).get_mut(&key).and_then(VecDeque::pop_front);
+            let mut held = Held {
+                shared: &self.shared,
+                key,
+                item,
+                abandoned: &self.abandoned,
+            };
+            if held.item.is_none() {
+                continue;
+            }
+            if self.stop.is_cancelled() {
+                // Stopped between taking the key and starting: hand the delivery back untouched.
+                let item = held.item.take();
+                lock(&self.shared.queues).entry(held.key.clone()).or_default().push_front(item.expect("held"));
+                return;
+            }
+            // A settled delivery has left `held`; a stopped one goes back to its queue when `held` drops.
+            let _: Outcome = self.process(&mut held).await;
+        }
+    }
+
+    async fn process(&self, held: &mut Held<'_>) -> Outcome {
+        let counters = &self.shared.counters;
+        let envelope = match &held.item.as_ref().expect("a held delivery").delivery.message {
+            Message::Event(envelope) => envelope.clone(),
+            Message::Undecodable { wire, error } => {
+                bump(&counters.undecodable);
+                let mut wire = wire.clone();
+                let reason = format!("undecodable: {error}");
+                tracing::warn!(topic = %self.shared.topic, %reason, "dead-lettering a message that cannot be decoded");
+                wire.set_header(wire::DEAD_LETTER_REASON, reason);
+                wire.set_header(wire::DEAD_LETTER_ATTEMPTS, "0");
+                return self.dead_letter_and_ack(held, wire).await;
+            }
+        };
+        loop {
+            let attempts = {
+                let item = held.item.as_mut().expect("a held delivery");
+                item.attempts += 1;
+                item.attempts
+            };
+            bump(&counters.handler_calls);
+            let call = self.handler.handle((*envelope).clone());
+            let reason = match tokio::time::timeout(self.settings.handler_timeout, call).await {
+                Ok(Ok(())) => {
+                    let delivery = held.item.take().expect("a held delivery").delivery;
+                    if let Err(error) = delivery.acker.ack().await {
+                        tracing::warn!(topic = %self.shared.topic, %error, "ack failed; the broker will redeliver");
+                    } else {
+                        bump(&counters.acked);
+                    }
+                    return Outcome::Settled;
+                }
+                Ok(Err(error)) if error.is_permanent() => {
+                    bump(&counters.handler_failures);
+                    let reason = format!("permanent handler error: {error}");
+                    return self.give_up(held, &envelope, reason).await;
+                }
+                Ok(Err(error)) => format!("handler error: {error}"),
+                Err(_) => format!("handler timed out after {:?}", self.settings.handler_timeout),
+            };
+            bump(&counters.handler_failures);
+            if attempts >= self.settings.retry.max_attempts {
+                let reason = format!("gave up after {attempts} attempts; last: {reason}");
+                return self.give_up(held, &envelope, reason).await;
+            }
+            tracing::debug!(
+                topic = %self.shared.topic, aggregate_id = %envelope.aggregate_id, attempts, %reason, "retrying"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(self.settings.retry.backoff(attempts)) => {}
+                _ = self.stop.cancelled() => return Outcome::Stopped,
+            }
+        }
+    }
+
+    async fn give_up(&self, held: &mut Held<'_>, envelope: &Envelope, reason: String) -> Outcome {
+        let attempts = held.item.as_ref().map_or(0, |item| item.attempts);
+        tracing::warn!(
+            topic = %self.shared.topic, aggregate_id = %envelope.aggregate_id, event_id = %envelope.event_id,
+            %reason, "dead-lettering"
+        );
+        let mut wire = wire::encode(envelope);
+        wire.set_header(wire::DEAD_LETTER_REASON, reason);
+        wire.set_header(wire::DEAD_LETTER_ATTEMPTS, attempts.to_string());
+        self.dead_letter_and_ack(held, wire).await
+    }
+
+    async fn dead_letter_and_ack(&self, held: &mut Held<'_>, mut wire: WireMessage) -> Outcome {
+        if let Some(topic) = &self.settings.dead_letter_topic {
+            wire.set_header(wire::DEAD_LETTER_TOPIC, self.shared.topic.as_str());
+            let mut attempt = 0;
+            // The original is acked only once the dead-letter copy is stored, so nothing is lost.
+            while let Err(error) = self.shared.dead_letters.dead_letter(topic, wire.clone()).await {
+                attempt += 1;
+                tracing::warn!(%topic, %error, "dead-letter publish failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(self.settings.retry.backoff(attempt)) => {}
+                    _ = self.stop.cancelled() => return Outcome::Stopped,
+                }
+            }
+            bump(&self.shared.counters.dead_lettered);
+        }
+        let delivery = held.item.take().expect("a held delivery").delivery;
+        if let Err(error) = delivery.acker.ack().await {
+            tracing::warn!(topic = %self.shared.topic, %error, "ack after dead-lettering failed");
+        }
+        Outcome::Settled
+    }
+}

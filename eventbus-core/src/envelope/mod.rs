@@ -1,0 +1,192 @@
+//! The event envelope: identity, ordering key, metadata and the raw payload.
+
+mod validate;
+pub mod wire;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+pub use validate::{validate_topic, ValidationError, MAX_AGGREGATE_ID_LEN, MAX_TOPIC_LEN};
+
+/// The unique identity of one event: a UUID, version 7 (time-ordered) unless the publisher supplies its own.
+///
+/// Backends use it for broker-side de-duplication (`Nats-Msg-Id` on NATS), so a re-sent event keeps its id.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventId(uuid::Uuid);
+
+impl EventId {
+    /// A new time-ordered (UUIDv7) id.
+    pub fn new() -> Self {
+        Self(uuid::Uuid::now_v7())
+    }
+
+    /// Wraps an existing UUID, for events whose id is assigned upstream (for example by an outbox table).
+    pub const fn from_uuid(uuid: uuid::Uuid) -> Self {
+        Self(uuid)
+    }
+
+    /// The UUID behind this id.
+    pub const fn as_uuid(&self) -> &uuid::Uuid {
+        &self.0
+    }
+}
+
+impl Default for EventId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.as_hyphenated().fmt(f)
+    }
+}
+
+impl fmt::Debug for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EventId({})", self.0.as_hyphenated())
+    }
+}
+
+impl FromStr for EventId {
+    type Err = uuid::Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        uuid::Uuid::parse_str(s).map(Self)
+    }
+}
+
+/// One event as it travels through the bus.
+///
+/// Build one with [`Envelope::builder`]; the builder validates, and so does every `publish`, because the fields
+/// stay public for handlers and tests to read and adjust.
+///
+/// ```
+/// use eventbus_core::Envelope;
+///
+/// let event = Envelope::builder("order-42", "OrderPlaced")
+///     .version(1)
+///     .correlation_id("checkout-7")
+///     .header("source", "web")
+///     .payload(r#"{"total":1200}"#)
+///     .build()?;
+/// assert_eq!(event.aggregate_id, "order-42");
+/// # Ok::<(), eventbus_core::ValidationError>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Envelope {
+    /// Unique id of this event (UUIDv7 unless given).
+    pub event_id: EventId,
+    /// The entity this event belongs to; events of one aggregate are delivered strictly in publish order.
+    pub aggregate_id: String,
+    /// The kind of event, such as `OrderPlaced`.
+    pub event_type: String,
+    /// Version of the aggregate this event produces, starting at 1.
+    pub event_version: u64,
+    /// When the event was created.
+    pub timestamp: SystemTime,
+    /// Distributed-tracing id, carried unchanged.
+    pub trace_id: Option<String>,
+    /// Correlation id linking the events of one business operation.
+    pub correlation_id: Option<String>,
+    /// Tenant the event belongs to, for multi-tenant services.
+    pub tenant_id: Option<String>,
+    /// User headers. Names must not collide with the reserved metadata names of [`wire`].
+    pub headers: BTreeMap<String, String>,
+    /// The event body, carried as raw bytes (no wrapping, no re-encoding).
+    pub payload: Bytes,
+}
+
+impl Envelope {
+    /// Starts an envelope for `aggregate_id` with the given `event_type`, version 1 and a fresh id and timestamp.
+    pub fn builder(aggregate_id: impl Into<String>, event_type: impl Into<String>) -> EnvelopeBuilder {
+        EnvelopeBuilder {
+            envelope: Envelope {
+                event_id: EventId::new(),
+                aggregate_id: aggregate_id.into(),
+                event_type: event_type.into(),
+                event_version: 1,
+                timestamp: SystemTime::now(),
+                trace_id: None,
+                correlation_id: None,
+                tenant_id: None,
+                headers: BTreeMap::new(),
+                payload: Bytes::new(),
+            },
+        }
+    }
+
+    /// Checks every rule of the envelope and returns the first one broken.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        validate::validate_envelope(self)
+    }
+}
+
+/// Builds an [`Envelope`]; see [`Envelope::builder`].
+#[derive(Clone, Debug)]
+#[must_use = "an EnvelopeBuilder does nothing until `build` is called"]
+pub struct EnvelopeBuilder {
+    envelope: Envelope,
+}
+
+impl EnvelopeBuilder {
+    /// Uses `id` instead of a fresh UUIDv7, for example the id an outbox row already carries.
+    pub fn event_id(mut self, id: EventId) -> Self {
+        self.envelope.event_id = id;
+        self
+    }
+
+    /// Sets the aggregate version this event produces (≥ 1).
+    pub fn version(mut self, version: u64) -> Self {
+        self.envelope.event_version = version;
+        self
+    }
+
+    /// Sets the creation time (defaults to now).
+    pub fn timestamp(mut self, timestamp: SystemTime) -> Self {
+        self.envelope.timestamp = timestamp;
+        self
+    }
+
+    /// Sets the tracing id.
+    pub fn trace_id(mut self, id: impl Into<String>) -> Self {
+        self.envelope.trace_id = Some(id.into());
+        self
+    }
+
+    /// Sets the correlation id.
+    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.envelope.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Sets the tenant id.
+    pub fn tenant_id(mut self, id: impl Into<String>) -> Self {
+        self.envelope.tenant_id = Some(id.into());
+        self
+    }
+
+    /// Adds a user header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.envelope.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Sets the payload bytes.
+    pub fn payload(mut self, payload: impl Into<Bytes>) -> Self {
+        self.envelope.payload = payload.into();
+        self
+    }
+
+    /// Validates and returns the envelope.
+    pub fn build(self) -> Result<Envelope, ValidationError> {
+        self.envelope.validate()?;
+        Ok(self.envelope)
+    }
+}

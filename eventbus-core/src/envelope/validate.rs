@@ -1,0 +1,231 @@
+//! The rules an envelope and a topic name must meet before anything is sent.
+
+use super::{wire, Envelope};
+
+/// Longest accepted aggregate id, in bytes.
+pub const MAX_AGGREGATE_ID_LEN: usize = 256;
+
+/// Longest accepted topic name, in bytes.
+pub const MAX_TOPIC_LEN: usize = 200;
+
+/// One broken rule of an [`Envelope`] or a topic name. Each variant names the field it is about.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValidationError {
+    /// `aggregate_id` is empty.
+    #[error("aggregate_id is empty: every event needs the id of the aggregate it belongs to")]
+    EmptyAggregateId,
+    /// `aggregate_id` is longer than [`MAX_AGGREGATE_ID_LEN`].
+    #[error("aggregate_id is {len} bytes long; the limit is {MAX_AGGREGATE_ID_LEN}")]
+    AggregateIdTooLong {
+        /// Length of the rejected id, in bytes.
+        len: usize,
+    },
+    /// `aggregate_id` holds a character outside `[A-Za-z0-9:_\-./]`.
+    #[error("aggregate_id has {character:?} at byte {position}; only A-Z a-z 0-9 : _ - . / are allowed")]
+    AggregateIdCharacter {
+        /// The rejected character.
+        character: char,
+        /// Its byte offset in the id.
+        position: usize,
+    },
+    /// `event_type` is empty.
+    #[error("event_type is empty: name the kind of event, such as \"OrderPlaced\"")]
+    EmptyEventType,
+    /// `event_type` holds a control character, which no broker header can carry.
+    #[error("event_type has a control character at byte {position}")]
+    EventTypeCharacter {
+        /// Byte offset of the control character.
+        position: usize,
+    },
+    /// `event_version` is 0.
+    #[error("event_version is 0: versions start at 1")]
+    ZeroVersion,
+    /// `timestamp` is before 1970 or after the year 9999, which RFC 3339 on the wire cannot carry.
+    #[error("timestamp is outside 1970-01-01..=9999-12-31, which the wire format cannot carry")]
+    TimestampOutOfRange,
+    /// `payload` is empty.
+    #[error("payload is empty: an event must carry a body")]
+    EmptyPayload,
+    /// A user header uses a name the bus reserves for its own metadata.
+    #[error("header {name:?} is reserved for envelope metadata; rename it")]
+    ReservedHeader {
+        /// The rejected header name.
+        name: String,
+    },
+    /// A user header name is empty or holds characters a broker header cannot carry.
+    #[error("header name {name:?} is invalid: use printable ASCII without spaces or ':'")]
+    InvalidHeaderName {
+        /// The rejected header name.
+        name: String,
+    },
+    /// A header or metadata value holds a line break or another control character.
+    #[error("value of {field} holds a control character, which broker headers cannot carry")]
+    ControlCharacterInValue {
+        /// The field or header whose value was rejected.
+        field: String,
+    },
+    /// The topic name is empty, too long or holds characters outside `[A-Za-z0-9_\-.]`.
+    #[error("topic {topic:?} is invalid: {reason}")]
+    InvalidTopic {
+        /// The rejected topic.
+        topic: String,
+        /// Which rule it broke.
+        reason: &'static str,
+    },
+}
+
+pub(super) fn validate_envelope(envelope: &Envelope) -> Result<(), ValidationError> {
+    validate_aggregate_id(&envelope.aggregate_id)?;
+    if envelope.event_type.is_empty() {
+        return Err(ValidationError::EmptyEventType);
+    }
+    if let Some(position) = envelope.event_type.find(char::is_control) {
+        return Err(ValidationError::EventTypeCharacter { position });
+    }
+    if envelope.event_version == 0 {
+        return Err(ValidationError::ZeroVersion);
+    }
+    if !wire::timestamp_in_range(envelope.timestamp) {
+        return Err(ValidationError::TimestampOutOfRange);
+    }
+    if envelope.payload.is_empty() {
+        return Err(ValidationError::EmptyPayload);
+    }
+    for (field, value) in [
+        ("trace_id", &envelope.trace_id),
+        ("correlation_id", &envelope.correlation_id),
+        ("tenant_id", &envelope.tenant_id),
+    ] {
+        if value.as_deref().is_some_and(has_control) {
+            return Err(ValidationError::ControlCharacterInValue { field: field.into() });
+        }
+    }
+    for (name, value) in &envelope.headers {
+        if wire::is_reserved(name) {
+            return Err(ValidationError::ReservedHeader { name: name.clone() });
+        }
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+            return Err(ValidationError::InvalidHeaderName { name: name.clone() });
+        }
+        if has_control(value) {
+            return Err(ValidationError::ControlCharacterInValue {
+                field: format!("header {name:?}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn validate_aggregate_id(id: &str) -> Result<(), ValidationError> {
+    if id.is_empty() {
+        return Err(ValidationError::EmptyAggregateId);
+    }
+    if id.len() > MAX_AGGREGATE_ID_LEN {
+        return Err(ValidationError::AggregateIdTooLong { len: id.len() });
+    }
+    if let Some((position, character)) = id
+        .char_indices()
+        .find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '-' | '.' | '/')))
+    {
+        return Err(ValidationError::AggregateIdCharacter { character, position });
+    }
+    Ok(())
+}
+
+fn has_control(value: &str) -> bool {
+    value.chars().any(char::is_control)
+}
+
+/// Checks a topic name: 1 to [`MAX_TOPIC_LEN`] bytes of `[A-Za-z0-9_\-.]`, not starting or ending with `.`,
+/// without `..`. The rule is the intersection of what NATS subjects and Kafka topics accept, so a topic name
+/// means the same on every backend.
+pub fn validate_topic(topic: &str) -> Result<(), ValidationError> {
+    let invalid = |reason| {
+        Err(ValidationError::InvalidTopic {
+            topic: topic.to_owned(),
+            reason,
+        })
+    };
+    if topic.is_empty() {
+        return invalid("it is empty");
+    }
+    if topic.len() > MAX_TOPIC_LEN {
+        return invalid("it is longer than 200 bytes");
+    }
+    if !topic
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        return invalid("only A-Z a-z 0-9 _ - . are allowed");
+    }
+    if topic.starts_with('.') || topic.ends_with('.') || topic.contains("..") {
+        return invalid("'.' separates words and cannot start, end or repeat");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> Envelope {
+        Envelope::builder("order-1", "Placed")
+            .payload("x")
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn each_rule_has_its_own_error() {
+        let cases: Vec<(Box<dyn Fn(&mut Envelope)>, ValidationError)> = vec![
+            (Box::new(|e| e.aggregate_id.clear()), ValidationError::EmptyAggregateId),
+            (
+                Box::new(|e| e.aggregate_id = "a".repeat(257)),
+                ValidationError::AggregateIdTooLong { len: 257 },
+            ),
+            (
+                Box::new(|e| e.aggregate_id = "ord er".into()),
+                ValidationError::AggregateIdCharacter {
+                    character: ' ',
+                    position: 3,
+                },
+            ),
+            (Box::new(|e| e.event_type.clear()), ValidationError::EmptyEventType),
+            (Box::new(|e| e.event_version = 0), ValidationError::ZeroVersion),
+            (Box::new(|e| e.payload = Default::default()), ValidationError::EmptyPayload),
+            (
+                Box::new(|e| {
+                    e.headers.insert("Event-Id".into(), "x".into());
+                }),
+                ValidationError::ReservedHeader {
+                    name: "Event-Id".into(),
+                },
+            ),
+        ];
+        for (break_rule, expected) in cases {
+            let mut envelope = valid();
+            break_rule(&mut envelope);
+            assert_eq!(envelope.validate(), Err(expected));
+        }
+    }
+
+    #[test]
+    fn boundary_values_are_accepted() {
+        let mut envelope = valid();
+        envelope.aggregate_id = "a".repeat(MAX_AGGREGATE_ID_LEN);
+        assert_eq!(envelope.validate(), Ok(()));
+        envelope.aggregate_id = "Aa0:_-./".into();
+        assert_eq!(envelope.validate(), Ok(()));
+    }
+
+    #[test]
+    fn topics() {
+        for ok in ["orders", "orders.v1", "a-b_c", "T"] {
+            assert_eq!(validate_topic(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", ".a", "a.", "a..b", "a b", "a*", "a>", "ü", &"t".repeat(201)] {
+            assert!(validate_topic(bad).is_err(), "{bad}");
+        }
+    }
+}

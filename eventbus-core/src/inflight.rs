@@ -1,0 +1,285 @@
+//! The bounded in-flight publish window.
+//!
+//! A publish takes a slot (waiting at most `enqueue_timeout`), the backend sends the message and hands the
+//! window a future of the broker's ack. One collector task per bus drives every pending ack future, each under
+//! its `ack_timeout`, settles the receipts and frees the slots. No task is spawned per message, and publishers
+//! never hold a lock while they wait.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{PublishAck, PublishReceipt, PublishResult, PublishResults};
+use crate::config::PublishConfig;
+use crate::envelope::EventId;
+use crate::metrics::{bump, Counters};
+use crate::{Error, Result};
+
+/// A slot in the window, held from before the send until the ack settles.
+#[derive(Debug)]
+pub struct WindowSlot {
+    _permit: OwnedSemaphorePermit,
+}
+
+/// What the window needs to know about one publish to settle and report it.
+#[derive(Debug)]
+struct Pending {
+    event_id: EventId,
+    topic: Arc<str>,
+    aggregate_id: Option<String>,
+    reply: oneshot::Sender<Result<PublishAck>>,
+    _slot: WindowSlot,
+}
+
+type AckFuture = BoxFuture<'static, Result<PublishAck>>;
+
+/// The in-flight window of one bus. Backends call [`reserve`](Self::reserve), send, then
+/// [`submit`](Self::submit) the ack future.
+#[derive(Debug)]
+pub struct PublishWindow {
+    slots: Arc<Semaphore>,
+    size: usize,
+    enqueue_timeout: Duration,
+    ack_timeout: Duration,
+    closed: AtomicBool,
+    pending: mpsc::UnboundedSender<(Pending, AckFuture)>,
+    results: Option<mpsc::Sender<PublishResult>>,
+    results_receiver: std::sync::Mutex<Option<PublishResults>>,
+    give_up: CancellationToken,
+    collector: tokio::sync::Mutex<Option<JoinHandle<Vec<EventId>>>>,
+    counters: Arc<Counters>,
+}
+
+impl PublishWindow {
+    /// Starts the window and its collector task on the current tokio runtime.
+    pub fn new(config: &PublishConfig, counters: Arc<Counters>) -> Self {
+        let (pending, receiver) = mpsc::unbounded_channel();
+        let (results, results_receiver) = if config.report_results {
+            let (tx, rx) = mpsc::channel(config.window);
+            (Some(tx), Some(PublishResults(rx)))
+        } else {
+            (None, None)
+        };
+        let give_up = CancellationToken::new();
+        let collector = Collector {
+            receiver,
+            results: results.clone(),
+            counters: counters.clone(),
+        };
+        let collector = tokio::spawn(collector.run(give_up.clone()));
+        Self {
+            slots: Arc::new(Semaphore::new(config.window)),
+            size: config.window,
+            enqueue_timeout: config.enqueue_timeout,
+            ack_timeout: config.ack_timeout,
+            closed: AtomicBool::new(false),
+            pending,
+            results,
+            results_receiver: std::sync::Mutex::new(results_receiver),
+            give_up,
+            collector: tokio::sync::Mutex::new(Some(collector)),
+            counters,
+        }
+    }
+
+    /// Waits for a free slot, at most `enqueue_timeout`. Fails with [`Error::Backpressure`] when none frees
+    /// up in time and with [`Error::Closed`] once the window is closing.
+    pub async fn reserve(&self) -> Result<WindowSlot> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => match tokio::time::timeout(self.enqueue_timeout, self.slots.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => permit,
+                Ok(Err(_)) => return Err(Error::Closed),
+                Err(_) => {
+                    return Err(Error::Backpressure {
+                        window: self.size,
+                        waited: self.enqueue_timeout,
+                    })
+                }
+            },
+        };
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        Ok(WindowSlot { _permit: permit })
+    }
+
+    /// Hands over the ack future of a message sent under `slot`, and returns its receipt. The ack is awaited
+    /// by the collector, at most `ack_timeout` from now. A future that is already complete (as on the
+    /// in-memory backend) settles right here.
+    pub async fn submit<F>(
+        &self,
+        slot: WindowSlot,
+        topic: &Arc<str>,
+        event_id: EventId,
+        aggregate_id: &str,
+        ack: F,
+    ) -> PublishReceipt
+    where
+        F: Future<Output = Result<PublishAck>> + Send + 'static,
+    {
+        let aggregate_id = self.results.as_ref().map(|_| aggregate_id.to_owned());
+        let mut ack = ack.boxed();
+        if let Some(result) = (&mut ack).now_or_never() {
+            record(&self.counters, &result);
+            if let (Some(results), Some(aggregate_id)) = (&self.results, aggregate_id) {
+                report(results, event_id, topic, aggregate_id, &result).await;
+            }
+            drop(slot);
+            return PublishReceipt::settled(event_id, result);
+        }
+        let (reply, receiver) = oneshot::channel();
+        let pending = Pending {
+            event_id,
+            topic: topic.clone(),
+            aggregate_id,
+            reply,
+            _slot: slot,
+        };
+        let ack_timeout = self.ack_timeout;
+        let ack = tokio::time::timeout(ack_timeout, ack)
+            .map(move |r| r.unwrap_or(Err(Error::AckTimeout(ack_timeout))))
+            .boxed();
+        match self.pending.send((pending, ack)) {
+            Ok(()) => PublishReceipt::pending(event_id, receiver),
+            // The collector is gone: close() gave up on pending acks while this one was being sent.
+            Err(mpsc::error::SendError((pending, _))) => {
+                bump(&self.counters.publish_failed);
+                drop(pending);
+                PublishReceipt::settled(event_id, Err(Error::ClosedBeforeAck))
+            }
+        }
+    }
+
+    /// Publishes awaiting an ack right now.
+    pub fn in_flight(&self) -> u64 {
+        (self.size - self.slots.available_permits()) as u64
+    }
+
+    /// Takes the publish-result stream (once), when `report_results` is on.
+    pub fn take_results(&self) -> Option<PublishResults> {
+        self.results_receiver.lock().ok()?.take()
+    }
+
+    /// Refuses new publishes, then waits until `deadline` for every pending ack. Acks still pending then are
+    /// settled with [`Error::ClosedBeforeAck`] and their ids returned. Idempotent.
+    pub async fn close(&self, deadline: Instant) -> Vec<EventId> {
+        self.closed.store(true, Ordering::Release);
+        let mut collector = self.collector.lock().await;
+        let Some(handle) = collector.take() else {
+            return Vec::new();
+        };
+        // Every slot back means every accepted publish has settled.
+        let all_settled = tokio::time::timeout_at(deadline, self.slots.acquire_many(self.size as u32)).await;
+        if let Ok(Ok(permits)) = all_settled {
+            permits.forget();
+        }
+        self.give_up.cancel();
+        self.slots.close();
+        handle.await.unwrap_or_default()
+    }
+}
+
+impl Drop for PublishWindow {
+    fn drop(&mut self) {
+        self.give_up.cancel();
+        if let Ok(mut collector) = self.collector.try_lock() {
+            if let Some(handle) = collector.take() {
+                handle.abort();
+            }
+        }
+    }
+}
+
+struct Collector {
+    receiver: mpsc::UnboundedReceiver<(Pending, AckFuture)>,
+    results: Option<mpsc::Sender<PublishResult>>,
+    counters: Arc<Counters>,
+}
+
+impl Collector {
+    /// Drives every pending ack until told to give up; returns the ids it gave up on.
+    async fn run(mut self, give_up: CancellationToken) -> Vec<EventId> {
+        let mut waiting: HashMap<u64, Pending> = HashMap::new();
+        let mut acks = FuturesUnordered::new();
+        let mut next_key = 0u64;
+        loop {
+            tokio::select! {
+                biased;
+                _ = give_up.cancelled() => break,
+                Some((pending, ack)) = self.receiver.recv() => {
+                    let key = next_key;
+                    next_key += 1;
+                    waiting.insert(key, pending);
+                    acks.push(ack.map(move |result| (key, result)));
+                }
+                Some((key, result)) = acks.next(), if !acks.is_empty() => {
+                    if let Some(pending) = waiting.remove(&key) {
+                        self.settle(pending, result, &give_up).await;
+                    }
+                }
+            }
+        }
+        // Giving up: refuse late submissions, then settle what is left as closed-before-ack.
+        self.receiver.close();
+        drop(acks);
+        let mut abandoned: Vec<Pending> = waiting.into_values().collect();
+        while let Some((pending, _)) = self.receiver.recv().await {
+            abandoned.push(pending);
+        }
+        let ids = abandoned.iter().map(|p| p.event_id).collect();
+        for pending in abandoned {
+            self.settle(pending, Err(Error::ClosedBeforeAck), &give_up).await;
+        }
+        ids
+    }
+
+    async fn settle(&self, pending: Pending, result: Result<PublishAck>, give_up: &CancellationToken) {
+        record(&self.counters, &result);
+        if let (Some(results), Some(aggregate_id)) = (&self.results, pending.aggregate_id) {
+            tokio::select! {
+                _ = report(results, pending.event_id, &pending.topic, aggregate_id, &result) => {}
+                // A reader that stopped reading must not hold close() past its deadline.
+                _ = give_up.cancelled() => {}
+            }
+        }
+        let _ = pending.reply.send(result);
+    }
+}
+
+fn record(counters: &Counters, result: &Result<PublishAck>) {
+    match result {
+        Ok(_) => bump(&counters.published),
+        Err(_) => bump(&counters.publish_failed),
+    }
+}
+
+async fn report(
+    results: &mpsc::Sender<PublishResult>,
+    event_id: EventId,
+    topic: &str,
+    aggregate_id: String,
+    outcome: &Result<PublishAck>,
+) {
+    let result = PublishResult {
+        event_id,
+        topic: topic.to_owned(),
+        aggregate_id,
+        outcome: outcome.clone(),
+    };
+    // A closed receiver means nobody reads the stream any more; the receipt still carries the outcome.
+    let _ = results.send(result).await;
+}

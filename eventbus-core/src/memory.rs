@@ -1,0 +1,492 @@
+//! The in-process backend: the embedded default, and the reference the conformance suites hold every broker
+//! backend to.
+//!
+//! Each topic is an in-memory log. Each consumer group has a cursor into it and one fetch task that feeds the
+//! group's keyed dispatcher; every member of the group adds its workers to that dispatcher, so one aggregate is
+//! handled by one worker at a time across all members, and deliveries a closing member had not handled stay
+//! queued for the others. The log keeps what some group has yet to read plus the last `memory.history` events
+//! for groups that subscribe later.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{
+    CloseReport, ConnectionState, EventBus, Handler, Health, Metrics, PublishAck, PublishReceipt, PublishResults,
+    SubscribeOptions,
+};
+use crate::config::BusConfig;
+use crate::dispatch::{DeadLetterSink, Delivery, Dispatcher, Message, NoAck, WorkerSettings};
+use crate::envelope::wire::WireMessage;
+use crate::envelope::{validate_topic, Envelope};
+use crate::inflight::PublishWindow;
+use crate::metrics::Counters;
+use crate::subscription::{Subscription, SubscriptionControl, SubscriptionRegistry};
+use crate::{Error, Result};
+
+/// Messages a group fetch task moves from the log to the dispatcher per lock of the log.
+const FETCH_BATCH: usize = 256;
+/// Appends between two trims of a topic's log.
+const TRIM_EVERY: usize = 1024;
+
+/// The in-memory backend. See the [module documentation](self).
+///
+/// ```
+/// use eventbus_core::{BusConfig, Envelope, EventBus, MemoryBus};
+///
+/// # #[tokio::main] async fn main() -> eventbus_core::Result<()> {
+/// let bus = MemoryBus::new(BusConfig::default())?;
+/// let event = Envelope::builder("cart-9", "ItemAdded").payload("sku-1").build()?;
+/// let ack = bus.publish("carts", event).await?.await?;
+/// assert_eq!(ack.sequence, Some(0));
+/// bus.close().await;
+/// # Ok(()) }
+/// ```
+pub struct MemoryBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: BusConfig,
+    counters: Arc<Counters>,
+    window: PublishWindow,
+    topics: Mutex<HashMap<String, Arc<Topic>>>,
+    subscriptions: SubscriptionRegistry,
+    closed: AtomicBool,
+    health: Mutex<Health>,
+    close_report: tokio::sync::Mutex<Option<CloseReport>>,
+}
+
+struct Topic {
+    name: Arc<str>,
+    log: Mutex<Log>,
+    end: watch::Sender<u64>,
+    groups: Mutex<HashMap<String, Arc<Group>>>,
+}
+
+#[derive(Default)]
+struct Log {
+    /// Offset of `entries[0]`.
+    base: u64,
+    entries: VecDeque<Stored>,
+    appends_since_trim: usize,
+}
+
+#[derive(Clone)]
+enum Stored {
+    Event(Arc<Envelope>),
+    Raw(Arc<WireMessage>),
+}
+
+struct Group {
+    dispatcher: Dispatcher,
+    /// Offset of the next entry to hand to the dispatcher.
+    cursor: AtomicU64,
+    fetcher: Mutex<Fetcher>,
+}
+
+#[derive(Default)]
+struct Fetcher {
+    members: usize,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl MemoryBus {
+    /// Starts an in-memory bus. Needs a tokio runtime.
+    pub fn new(config: BusConfig) -> Result<Self> {
+        config.validate()?;
+        if config.scheme() != "memory" {
+            return Err(Error::Config(format!(
+                "MemoryBus needs a memory:// url, got {:?}",
+                config.url
+            )));
+        }
+        let counters = Arc::new(Counters::default());
+        let window = PublishWindow::new(&config.publish, counters.clone());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                counters,
+                window,
+                topics: Mutex::new(HashMap::new()),
+                subscriptions: SubscriptionRegistry::default(),
+                closed: AtomicBool::new(false),
+                health: Mutex::new(Health::new(ConnectionState::Connected)),
+                close_report: tokio::sync::Mutex::new(None),
+            }),
+        })
+    }
+
+    /// Appends a raw message to `topic` as a foreign producer would, bypassing validation. Returns its offset.
+    /// Meant for tests of undecodable input and interop.
+    pub fn publish_raw(&self, topic: &str, message: WireMessage) -> Result<u64> {
+        validate_topic(topic)?;
+        self.inner.ensure_open()?;
+        Ok(self.inner.topic(topic).append(Stored::Raw(Arc::new(message)), &self.inner.config))
+    }
+
+    /// The messages `topic` retains, oldest first, as they would travel on a broker.
+    pub fn read_raw(&self, topic: &str) -> Vec<WireMessage> {
+        let topic = self.inner.topic(topic);
+        let log = lock(&topic.log);
+        log.entries
+            .iter()
+            .map(|stored| match stored {
+                Stored::Event(envelope) => crate::envelope::wire::encode(envelope),
+                Stored::Raw(wire) => (**wire).clone(),
+            })
+            .collect()
+    }
+}
+
+impl Inner {
+    fn ensure_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn topic(&self, name: &str) -> Arc<Topic> {
+        let mut topics = lock(&self.topics);
+        if let Some(topic) = topics.get(name) {
+            return topic.clone();
+        }
+        let topic = Arc::new(Topic {
+            name: Arc::from(name),
+            log: Mutex::new(Log::default()),
+            end: watch::Sender::new(0),
+            groups: Mutex::new(HashMap::new()),
+        });
+        topics.insert(name.to_owned(), topic.clone());
+        topic
+    }
+
+    fn all_groups(&self) -> Vec<Arc<Group>> {
+        lock(&self.topics)
+            .values()
+            .flat_map(|topic| lock(&topic.groups).values().cloned().collect::<Vec<_>>())
+            .collect()
+    }
+}
+
+impl Topic {
+    fn append(&self, stored: Stored, config: &BusConfig) -> u64 {
+        let (offset, trim) = {
+            let mut log = lock(&self.log);
+            let offset = log.base + log.entries.len() as u64;
+            log.entries.push_back(stored);
+            log.appends_since_trim += 1;
+            let trim = log.appends_since_trim >= TRIM_EVERY && log.entries.len() > config.memory.history;
+            (offset, trim)
+        };
+        self.end.send_replace(offset + 1);
+        if trim {
+            self.trim(config.memory.history);
+        }
+        offset
+    }
+
+    /// Drops entries every group has read, beyond the `history` most recent ones.
+    fn trim(&self, history: usize) {
+        let slowest = lock(&self.groups)
+            .values()
+            .map(|g| g.cursor.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(u64::MAX);
+        let mut log = lock(&self.log);
+        log.appends_since_trim = 0;
+        let end = log.base + log.entries.len() as u64;
+        let keep_from = slowest.min(end.saturating_sub(history as u64));
+        while log.base < keep_from && log.entries.pop_front().is_some() {
+            log.base += 1;
+        }
+    }
+
+    /// The group named `name`, created (reading from the oldest retained event) if new.
+    fn group(&self, name: &str, create: impl FnOnce() -> Dispatcher) -> Arc<Group> {
+        let mut groups = lock(&self.groups);
+        if let Some(group) = groups.get(name) {
+            return group.clone();
+        }
+        let group = Arc::new(Group {
+            dispatcher: create(),
+            cursor: AtomicU64::new(lock(&self.log).base),
+            fetcher: Mutex::new(Fetcher::default()),
+        });
+        groups.insert(name.to_owned(), group.clone());
+        group
+    }
+}
+
+/// Membership of one subscription in its group; the group's fetch task runs while it has members.
+struct Membership {
+    group: Arc<Group>,
+}
+
+impl Group {
+    fn join(self: &Arc<Self>, topic: &Arc<Topic>) -> Membership {
+        let mut fetcher = lock(&self.fetcher);
+        fetcher.members += 1;
+        if fetcher.members == 1 {
+            // The previous fetch task, if any, was told to stop; the new one waits for it so that only one
+            // task ever moves this group's cursor.
+            let previous = fetcher.task.take();
+            fetcher.stop = CancellationToken::new();
+            let task = fetch(topic.clone(), self.clone(), fetcher.stop.clone(), previous);
+            fetcher.task = Some(tokio::spawn(task));
+        }
+        Membership { group: self.clone() }
+    }
+
+    /// Stops the fetch task and waits for it, at most until `deadline`.
+    async fn stop_fetching(&self, deadline: Instant) {
+        let task = {
+            let mut fetcher = lock(&self.fetcher);
+            fetcher.stop.cancel();
+            fetcher.task.take()
+        };
+        if let Some(task) = task {
+            let abort = task.abort_handle();
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+
+    fn abort_fetching(&self) {
+        let mut fetcher = lock(&self.fetcher);
+        fetcher.stop.cancel();
+        if let Some(task) = fetcher.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        let mut fetcher = lock(&self.group.fetcher);
+        fetcher.members -= 1;
+        if fetcher.members == 0 {
+            fetcher.stop.cancel();
+        }
+    }
+}
+
+async fn fetch(topic: Arc<Topic>, group: Arc<Group>, stop: CancellationToken, previous: Option<JoinHandle<()>>) {
+    if let Some(previous) = previous {
+        let _ = previous.await;
+    }
+    let mut end = topic.end.subscribe();
+    let mut batch = Vec::with_capacity(FETCH_BATCH);
+    loop {
+        let cursor = group.cursor.load(Ordering::Acquire);
+        {
+            let log = lock(&topic.log);
+            let start = cursor.max(log.base);
+            let skip = (start - log.base) as usize;
+            batch.extend(
+                log.entries
+                    .iter()
+                    .skip(skip)
+                    .take(FETCH_BATCH)
+                    .enumerate()
+                    .map(|(i, stored)| (start + i as u64, stored.clone())),
+            );
+        }
+        if batch.is_empty() {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = end.wait_for(|&end| end > cursor) => if changed.is_err() { return },
+            }
+            continue;
+        }
+        for (offset, stored) in batch.drain(..) {
+            let message = match stored {
+                Stored::Event(envelope) => Message::Event(envelope),
+                Stored::Raw(wire) => match wire.decode() {
+                    Ok(envelope) => Message::Event(Arc::new(envelope)),
+                    Err(error) => Message::Undecodable {
+                        wire: (*wire).clone(),
+                        error,
+                    },
+                },
+            };
+            let delivery = Delivery {
+                message,
+                acker: Box::new(NoAck),
+            };
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = group.dispatcher.dispatch(delivery) => {}
+            }
+            group.cursor.store(offset + 1, Ordering::Release);
+        }
+    }
+}
+
+/// Dead-letters into the bus's own topics. Holds the bus weakly so the bus can still be dropped.
+struct MemoryDeadLetters(Weak<Inner>);
+
+#[async_trait]
+impl DeadLetterSink for MemoryDeadLetters {
+    async fn dead_letter(&self, topic: &str, message: WireMessage) -> Result<()> {
+        let inner = self.0.upgrade().ok_or(Error::Closed)?;
+        inner.topic(topic).append(Stored::Raw(Arc::new(message)), &inner.config);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl EventBus for MemoryBus {
+    async fn publish(&self, topic: &str, envelope: Envelope) -> Result<PublishReceipt> {
+        let inner = &self.inner;
+        let checked = validate_topic(topic)
+            .and_then(|()| envelope.validate())
+            .map_err(Error::from)
+            .and_then(|()| {
+                let limit = inner.config.memory.max_payload;
+                if envelope.payload.len() > limit {
+                    Err(Error::PayloadTooLarge {
+                        size: envelope.payload.len(),
+                        limit,
+                        backend: "memory.max_payload".into(),
+                    })
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| inner.ensure_open());
+        if let Err(error) = checked {
+            inner.counters.publish_rejected();
+            return Err(error);
+        }
+        let slot = match inner.window.reserve().await {
+            Ok(slot) => slot,
+            Err(error) => {
+                inner.counters.publish_rejected();
+                return Err(error);
+            }
+        };
+        let topic = inner.topic(topic);
+        let event_id = envelope.event_id;
+        let envelope = Arc::new(envelope);
+        let offset = topic.append(Stored::Event(envelope.clone()), &inner.config);
+        let ack = PublishAck::new(event_id, &*topic.name).with_sequence(offset);
+        Ok(inner
+            .window
+            .submit(slot, &topic.name, event_id, &envelope.aggregate_id, std::future::ready(Ok(ack)))
+            .await)
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+        handler: Arc<dyn Handler>,
+    ) -> Result<Subscription> {
+        let inner = &self.inner;
+        validate_topic(topic)?;
+        inner.ensure_open()?;
+        let config = &inner.config;
+        let settings = WorkerSettings {
+            concurrency: options.concurrency.unwrap_or(config.subscribe.concurrency).max(1),
+            handler_timeout: options.handler_timeout.unwrap_or(config.subscribe.handler_timeout),
+            retry: options.retry.clone().unwrap_or_else(|| config.retry.clone()),
+            dead_letter_topic: config.dead_letter.enabled.then(|| config.dead_letter.topic_for(topic)),
+        };
+        let capacity = options.max_in_flight.unwrap_or(config.subscribe.max_in_flight);
+        let topic = inner.topic(topic);
+        let group = topic.group(&options.group, || {
+            let sink = Arc::new(MemoryDeadLetters(Arc::downgrade(inner)));
+            Dispatcher::new(&*topic.name, capacity, inner.counters.clone(), sink)
+        });
+        let stop = CancellationToken::new();
+        let abandoned = Arc::new(AtomicUsize::new(0));
+        let control = SubscriptionControl::new(
+            &*topic.name,
+            options.group.as_str(),
+            config.close_timeout,
+            stop.clone(),
+            abandoned.clone(),
+        );
+        control.with_tasks(|tasks| group.dispatcher.spawn_workers(tasks, handler, settings, stop, abandoned));
+        control.hold(group.join(&topic));
+        Ok(inner.subscriptions.register(control))
+    }
+
+    fn publish_results(&self) -> Option<PublishResults> {
+        self.inner.window.take_results()
+    }
+
+    fn health(&self) -> Health {
+        lock(&self.inner.health).clone()
+    }
+
+    fn metrics(&self) -> Metrics {
+        let inner = &self.inner;
+        inner
+            .counters
+            .snapshot(inner.window.in_flight(), inner.subscriptions.live() as u64)
+    }
+
+    async fn close(&self) -> CloseReport {
+        let inner = &self.inner;
+        let mut report = inner.close_report.lock().await;
+        if let Some(report) = &*report {
+            return report.clone();
+        }
+        let started = Instant::now();
+        let deadline = started + inner.config.close_timeout;
+        inner.closed.store(true, Ordering::Release);
+        let (unacked, subscriptions) = tokio::join!(
+            inner.window.close(deadline),
+            inner.subscriptions.close_all(deadline)
+        );
+        for group in inner.all_groups() {
+            group.stop_fetching(deadline).await;
+        }
+        *lock(&inner.health) = Health::new(ConnectionState::Closed);
+        let closed = CloseReport {
+            timed_out: subscriptions.timed_out || !unacked.is_empty(),
+            unacked,
+            abandoned: subscriptions.abandoned,
+            elapsed: started.elapsed(),
+        };
+        *report = Some(closed.clone());
+        closed
+    }
+}
+
+impl Drop for MemoryBus {
+    fn drop(&mut self) {
+        // Dropped without close(): stop everything now rather than leave tasks running.
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.subscriptions.abort_all();
+        for group in self.inner.all_groups() {
+            group.abort_fetching();
+        }
+    }
+}
+
+impl std::fmt::Debug for MemoryBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBus")
+            .field("topics", &lock(&self.inner.topics).len())
+            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
