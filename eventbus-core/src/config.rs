@@ -43,6 +43,11 @@ pub struct BusConfig {
     pub retry: RetryPolicy,
     /// Where messages go that cannot be handled.
     pub dead_letter: DeadLetterConfig,
+    /// How long connecting to the broker may take before it fails with a connect error. The in-memory
+    /// backend connects at once.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub connect_timeout: Duration,
     /// Upper bound on `close()`: flushing acks, finishing handlers and joining tasks all fit in it.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
@@ -59,6 +64,7 @@ impl Default for BusConfig {
             subscribe: SubscribeConfig::default(),
             retry: RetryPolicy::default(),
             dead_letter: DeadLetterConfig::default(),
+            connect_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(10),
             memory: MemoryConfig::default(),
         }
@@ -101,6 +107,7 @@ impl BusConfig {
         positive("publish.ack_timeout", self.publish.ack_timeout)?;
         self.subscribe.validate("subscribe")?;
         self.retry.validate("retry")?;
+        positive("connect_timeout", self.connect_timeout)?;
         positive("close_timeout", self.close_timeout)?;
         if self.dead_letter.enabled {
             validate_topic(&self.dead_letter.topic_for("topic")).map_err(|e| {

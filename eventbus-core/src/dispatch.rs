@@ -8,6 +8,7 @@
 //!
 //! The worker count is fixed by configuration; no task is spawned per message.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -151,12 +152,17 @@ impl Dispatcher {
             attempts: 0,
             _permit: permit,
         };
-        let newly_ready = {
-            let mut queues = lock(&self.shared.queues);
-            let queue = queues.entry(key.clone()).or_default();
-            queue.push_back(queued);
-            // A key with other deliveries queued is already ready or held by a worker.
-            queue.len() == 1
+        // A key has a queue exactly while it is scheduled: waiting in the ready channel or held by a worker.
+        // Only a key without one is sent to the ready channel, so no two workers ever hold the same key.
+        let newly_ready = match lock(&self.shared.queues).entry(key.clone()) {
+            Entry::Occupied(mut queue) => {
+                queue.get_mut().push_back(queued);
+                false
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(VecDeque::from([queued]));
+                true
+            }
         };
         if newly_ready {
             let _ = self.shared.ready_tx.try_send(key);
@@ -258,6 +264,8 @@ impl Worker {
                 },
             };
             let item = lock(&self.shared.queues).get_mut(&key).and_then(VecDeque::pop_front);
+            // Dropping `held` settles the key's schedule: back to the ready channel if deliveries remain,
+            // otherwise its queue is removed.
             let mut held = Held {
                 shared: &self.shared,
                 key,
@@ -365,5 +373,73 @@ impl Worker {
             tracing::warn!(topic = %self.shared.topic, %error, "ack after dead-lettering failed");
         }
         Outcome::Settled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::HandlerError;
+    use crate::config::BusConfig;
+    use crate::envelope::wire::WireMessage;
+
+    struct Discard;
+
+    #[async_trait]
+    impl DeadLetterSink for Discard {
+        async fn dead_letter(&self, _: &str, _: WireMessage) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn delivery(aggregate: &str, version: u64) -> Delivery {
+        let envelope = Envelope::builder(aggregate, "T").version(version).payload("p").build().unwrap();
+        Delivery {
+            message: Message::Event(Arc::new(envelope)),
+            acker: Box::new(NoAck),
+        }
+    }
+
+    /// A delivery dispatched while an earlier one of its key is being handled waits for it, even when the
+    /// key's queue was empty in between.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn one_key_is_never_handled_twice_at_once() {
+        let dispatcher = Dispatcher::new("t", 64, Arc::default(), Arc::new(Discard));
+        let running = Arc::new(AtomicUsize::new(0));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let handler = {
+            let (running, order) = (running.clone(), order.clone());
+            move |event: Envelope| {
+                let (running, order) = (running.clone(), order.clone());
+                async move {
+                    assert_eq!(running.fetch_add(1, Ordering::SeqCst), 0, "two handlers ran for one key");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    order.lock().unwrap().push(event.event_version);
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    Ok::<(), HandlerError>(())
+                }
+            }
+        };
+        let settings = WorkerSettings {
+            concurrency: 4,
+            handler_timeout: Duration::from_secs(5),
+            retry: BusConfig::default().retry,
+            dead_letter_topic: None,
+        };
+        let mut tasks = JoinSet::new();
+        let stop = CancellationToken::new();
+        dispatcher.spawn_workers(&mut tasks, Arc::new(handler), settings, stop.clone(), Arc::default());
+        for version in 1..=5 {
+            dispatcher.dispatch(delivery("a", version)).await;
+            // Let a worker take the delivery so the key's queue is empty when the next one arrives.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        while order.lock().unwrap().len() < 5 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(*order.lock().unwrap(), [1, 2, 3, 4, 5]);
+        stop.cancel();
+        while tasks.join_next().await.is_some() {}
+        assert_eq!(dispatcher.pending(), 0);
     }
 }

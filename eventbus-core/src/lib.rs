@@ -48,7 +48,7 @@ pub use bus::{
     PublishReceipt, PublishResult, PublishResults, SubscribeOptions,
 };
 pub use config::{BusConfig, DeadLetterConfig, MemoryConfig, PublishConfig, RetryPolicy, SubscribeConfig};
-pub use envelope::wire::{DecodeError, WireMessage};
+pub use envelope::wire::{self, DecodeError, WireMessage};
 pub use envelope::{validate_topic, Envelope, EnvelopeBuilder, EventId, ValidationError};
 pub use error::{Error, Result};
 pub use memory::MemoryBus;

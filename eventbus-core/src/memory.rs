@@ -61,6 +61,24 @@ struct Inner {
     closed: AtomicBool,
     health: Mutex<Health>,
     close_report: tokio::sync::Mutex<Option<CloseReport>>,
+    outage: Outage,
+}
+
+/// A simulated broker outage (see [`MemoryBus::pause`]): publishes are held without an ack and nothing is
+/// delivered until [`MemoryBus::resume`].
+struct Outage {
+    /// Fast check on the publish path; `held` is the truth.
+    paused: AtomicBool,
+    /// Publishes sent during the outage, in order; `None` when there is no outage.
+    held: Mutex<Option<VecDeque<HeldPublish>>>,
+    /// Whether delivery is paused, watched by the group fetch tasks.
+    delivery: watch::Sender<bool>,
+}
+
+struct HeldPublish {
+    topic: Arc<Topic>,
+    stored: Stored,
+    stored_at: tokio::sync::oneshot::Sender<u64>,
 }
 
 struct Topic {
@@ -124,6 +142,11 @@ impl MemoryBus {
                 closed: AtomicBool::new(false),
                 health: Mutex::new(Health::new(ConnectionState::Connected)),
                 close_report: tokio::sync::Mutex::new(None),
+                outage: Outage {
+                    paused: AtomicBool::new(false),
+                    held: Mutex::new(None),
+                    delivery: watch::Sender::new(false),
+                },
             }),
         })
     }
@@ -134,6 +157,42 @@ impl MemoryBus {
         validate_topic(topic)?;
         self.inner.ensure_open()?;
         Ok(self.inner.topic(topic).append(Stored::Raw(Arc::new(message)), &self.inner.config))
+    }
+
+    /// Simulates a broker outage, for tests of code that must survive one: until [`resume`](Self::resume),
+    /// publishes are accepted into the window but not acked (so they time out after `publish.ack_timeout`
+    /// and fill the window), nothing is delivered, and `health()` reports [`ConnectionState::Reconnecting`].
+    pub fn pause(&self) {
+        let outage = &self.inner.outage;
+        let mut held = lock(&outage.held);
+        if held.is_none() {
+            *held = Some(VecDeque::new());
+            outage.paused.store(true, Ordering::Release);
+            outage.delivery.send_replace(true);
+            let mut health = Health::new(ConnectionState::Reconnecting);
+            health.last_error = Some("broker unreachable (paused by MemoryBus::pause)".to_owned());
+            *lock(&self.inner.health) = health;
+        }
+    }
+
+    /// Ends a simulated outage: publishes held during it are stored in the order they were sent (those whose
+    /// ack already timed out too, as a broker may store a message whose ack was lost), and delivery resumes.
+    pub fn resume(&self) {
+        let outage = &self.inner.outage;
+        let mut held = lock(&outage.held);
+        if let Some(publishes) = held.take() {
+            for publish in publishes {
+                let offset = publish.topic.append(publish.stored, &self.inner.config);
+                let _ = publish.stored_at.send(offset);
+            }
+            outage.paused.store(false, Ordering::Release);
+            outage.delivery.send_replace(false);
+            if !self.inner.closed.load(Ordering::Acquire) {
+                let mut health = Health::new(ConnectionState::Connected);
+                health.last_error = Some("broker unreachable (paused by MemoryBus::pause)".to_owned());
+                *lock(&self.inner.health) = health;
+            }
+        }
     }
 
     /// The messages `topic` retains, oldest first, as they would travel on a broker.
@@ -156,6 +215,29 @@ impl Inner {
             Err(Error::Closed)
         } else {
             Ok(())
+        }
+    }
+
+    /// During an outage, holds `stored` and returns where its offset will be reported; otherwise gives it back.
+    fn hold_if_paused(
+        &self,
+        topic: &Arc<Topic>,
+        stored: Stored,
+    ) -> std::result::Result<tokio::sync::oneshot::Receiver<u64>, Stored> {
+        if !self.outage.paused.load(Ordering::Acquire) {
+            return Err(stored);
+        }
+        match lock(&self.outage.held).as_mut() {
+            Some(held) => {
+                let (stored_at, receiver) = tokio::sync::oneshot::channel();
+                held.push_back(HeldPublish {
+                    topic: topic.clone(),
+                    stored,
+                    stored_at,
+                });
+                Ok(receiver)
+            }
+            None => Err(stored),
         }
     }
 
@@ -237,7 +319,7 @@ struct Membership {
 }
 
 impl Group {
-    fn join(self: &Arc<Self>, topic: &Arc<Topic>) -> Membership {
+    fn join(self: &Arc<Self>, topic: &Arc<Topic>, paused: watch::Receiver<bool>) -> Membership {
         let mut fetcher = lock(&self.fetcher);
         fetcher.members += 1;
         if fetcher.members == 1 {
@@ -245,7 +327,7 @@ impl Group {
             // task ever moves this group's cursor.
             let previous = fetcher.task.take();
             fetcher.stop = CancellationToken::new();
-            let task = fetch(topic.clone(), self.clone(), fetcher.stop.clone(), previous);
+            let task = fetch(topic.clone(), self.clone(), fetcher.stop.clone(), paused, previous);
             fetcher.task = Some(tokio::spawn(task));
         }
         Membership { group: self.clone() }
@@ -285,13 +367,25 @@ impl Drop for Membership {
     }
 }
 
-async fn fetch(topic: Arc<Topic>, group: Arc<Group>, stop: CancellationToken, previous: Option<JoinHandle<()>>) {
+async fn fetch(
+    topic: Arc<Topic>,
+    group: Arc<Group>,
+    stop: CancellationToken,
+    mut paused: watch::Receiver<bool>,
+    previous: Option<JoinHandle<()>>,
+) {
     if let Some(previous) = previous {
         let _ = previous.await;
     }
     let mut end = topic.end.subscribe();
     let mut batch = Vec::with_capacity(FETCH_BATCH);
     loop {
+        if *paused.borrow() {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                resumed = paused.wait_for(|paused| !paused) => if resumed.is_err() { return },
+            }
+        }
         let cursor = group.cursor.load(Ordering::Acquire);
         {
             let log = lock(&topic.log);
@@ -383,13 +477,21 @@ impl EventBus for MemoryBus {
         };
         let topic = inner.topic(topic);
         let event_id = envelope.event_id;
-        let envelope = Arc::new(envelope);
-        let offset = topic.append(Stored::Event(envelope.clone()), &inner.config);
-        let ack = PublishAck::new(event_id, &*topic.name).with_sequence(offset);
-        Ok(inner
-            .window
-            .submit(slot, &topic.name, event_id, &envelope.aggregate_id, std::future::ready(Ok(ack)))
-            .await)
+        let aggregate_id = envelope.aggregate_id.clone();
+        let ack = PublishAck::new(event_id, &*topic.name);
+        let stored = Stored::Event(Arc::new(envelope));
+        let receipt = match inner.hold_if_paused(&topic, stored) {
+            Ok(stored_at) => {
+                let ack = async move { stored_at.await.map(|offset| ack.with_sequence(offset)).map_err(|_| Error::ClosedBeforeAck) };
+                inner.window.submit(slot, &topic.name, event_id, &aggregate_id, ack).await
+            }
+            Err(stored) => {
+                let offset = topic.append(stored, &inner.config);
+                let ack = std::future::ready(Ok(ack.with_sequence(offset)));
+                inner.window.submit(slot, &topic.name, event_id, &aggregate_id, ack).await
+            }
+        };
+        Ok(receipt)
     }
 
     async fn subscribe(
@@ -424,7 +526,7 @@ impl EventBus for MemoryBus {
             abandoned.clone(),
         );
         control.with_tasks(|tasks| group.dispatcher.spawn_workers(tasks, handler, settings, stop, abandoned));
-        control.hold(group.join(&topic));
+        control.hold(group.join(&topic, inner.outage.delivery.subscribe()));
         Ok(inner.subscriptions.register(control))
     }
 

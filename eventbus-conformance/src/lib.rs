@@ -1,0 +1,22 @@
+//! The conformance suites of `eventbus`: the same scenarios, with the same figures, against every backend.
+//!
+//! Each suite is a plain async function over a [`Backend`]; `tests/<backend>.rs` hands its backend to
+//! [`harness::run`], which runs every suite in turn and prints each scenario's figures. A scenario that needs
+//! a capability the backend lacks is printed as not run, with the reason.
+//!
+//! ```no_run
+//! // tests/memory.rs (with `harness = false`)
+//! fn main() -> std::process::ExitCode {
+//!     eventbus_conformance::harness::run(std::sync::Arc::new(eventbus_conformance::memory::Memory))
+//! }
+//! ```
+
+pub mod backend;
+pub mod harness;
+pub mod memory;
+pub mod probe;
+pub mod recorder;
+pub mod suites;
+pub mod workload;
+
+pub use backend::{Backend, Capabilities, Connection, Faults, RawAccess};

@@ -1,0 +1,132 @@
+//! The seed's workload shape: aggregates spread over topics, one publisher task per aggregate sending its
+//! versions in order.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eventbus::{Envelope, EventBus, EventBusExt, HandlerError, SubscribeOptions, Subscription};
+
+use crate::recorder::Recorder;
+
+/// Aggregates × versions over several topics, with names unique to one run.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    /// Topic names; aggregate `i` goes to `topics[i % topics.len()]`.
+    pub topics: Vec<String>,
+    /// Number of aggregates.
+    pub aggregates: usize,
+    /// Versions per aggregate, published 1..=versions in order.
+    pub versions: u64,
+    /// Payload bytes per event.
+    pub payload: usize,
+    run: String,
+}
+
+/// What publishing a workload did.
+#[derive(Clone, Debug, Default)]
+pub struct PublishStats {
+    /// Events the broker acked.
+    pub acked: usize,
+    /// Publishes that failed, with the first few errors.
+    pub failed: usize,
+    /// First errors seen.
+    pub errors: Vec<String>,
+    /// From the first publish to the last ack.
+    pub elapsed: Duration,
+}
+
+impl Workload {
+    /// A workload named `name` (the run gets a unique suffix so topics never collide between runs).
+    pub fn new(name: &str, aggregates: usize, versions: u64, topics: usize) -> Self {
+        let run = unique(name);
+        Self {
+            topics: (0..topics).map(|t| format!("{run}.t{t}")).collect(),
+            aggregates,
+            versions,
+            payload: 200,
+            run,
+        }
+    }
+
+    /// Events in the workload.
+    pub fn total(&self) -> usize {
+        self.aggregates * self.versions as usize
+    }
+
+    /// Id of aggregate `i`.
+    pub fn aggregate_id(&self, i: usize) -> String {
+        format!("{}-agg-{i}", self.run)
+    }
+
+    /// Topic of aggregate `i`.
+    pub fn topic_of(&self, i: usize) -> &str {
+        &self.topics[i % self.topics.len()]
+    }
+
+    /// Event `version` of aggregate `i`.
+    pub fn event(&self, i: usize, version: u64) -> Envelope {
+        Envelope::builder(self.aggregate_id(i), "WorkloadEvent")
+            .version(version)
+            .payload(vec![b'x'; self.payload.max(1)])
+            .build()
+            .expect("workload events are valid")
+    }
+
+    /// Publishes the workload with one task per aggregate; each task sends its versions in order without
+    /// waiting for acks in between, then awaits every receipt.
+    pub async fn publish(&self, bus: Arc<dyn EventBus>) -> PublishStats {
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..self.aggregates {
+            let (bus, workload) = (bus.clone(), self.clone());
+            tasks.spawn(async move {
+                let topic = workload.topic_of(i);
+                let mut receipts = Vec::with_capacity(workload.versions as usize);
+                let mut failures = Vec::new();
+                for version in 1..=workload.versions {
+                    match bus.publish(topic, workload.event(i, version)).await {
+                        Ok(receipt) => receipts.push(receipt),
+                        Err(e) => failures.push(e.to_string()),
+                    }
+                }
+                for receipt in receipts {
+                    if let Err(e) = receipt.await {
+                        failures.push(e.to_string());
+                    }
+                }
+                failures
+            });
+        }
+        let mut stats = PublishStats::default();
+        while let Some(result) = tasks.join_next().await {
+            let failures = result.unwrap_or_else(|e| vec![format!("publisher task failed: {e}")]);
+            stats.failed += failures.len();
+            stats.errors.extend(failures.into_iter().take(3usize.saturating_sub(stats.errors.len())));
+        }
+        stats.acked = self.total() - stats.failed;
+        stats.elapsed = started.elapsed();
+        stats
+    }
+}
+
+/// A name unique to this run: `prefix` plus random hex.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::now_v7().simple().to_string()[20..])
+}
+
+/// Subscribes a handler that records every event it receives into `recorder`.
+pub async fn record_into(
+    bus: &dyn EventBus,
+    topic: &str,
+    options: SubscribeOptions,
+    recorder: Arc<Recorder>,
+) -> eventbus::Result<Subscription> {
+    bus.subscribe_with(topic, options, move |event| {
+        let recorder = recorder.clone();
+        async move {
+            recorder.record(&event);
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+}
