@@ -19,7 +19,11 @@ pub struct Resources {
 
 impl std::fmt::Display for Resources {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "tasks={} fds={} threads={}", self.tasks, self.fds, self.threads)
+        write!(
+            f,
+            "tasks={} fds={} threads={}",
+            self.tasks, self.fds, self.threads
+        )
     }
 }
 

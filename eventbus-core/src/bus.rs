@@ -47,7 +47,11 @@ pub trait EventBus: Send + Sync + 'static {
 
     /// Publishes several envelopes, pipelined, and returns one result per entry in the same order. An invalid
     /// entry fails alone; the others are still sent.
-    async fn publish_batch(&self, topic: &str, envelopes: Vec<Envelope>) -> Vec<Result<PublishAck>> {
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        envelopes: Vec<Envelope>,
+    ) -> Vec<Result<PublishAck>> {
         let mut receipts = Vec::with_capacity(envelopes.len());
         for envelope in envelopes {
             receipts.push(self.publish(topic, envelope).await);
@@ -91,7 +95,12 @@ pub trait EventBus: Send + Sync + 'static {
 #[async_trait]
 pub trait EventBusExt: EventBus {
     /// [`EventBus::subscribe`] with an async closure as the handler.
-    async fn subscribe_with<F, Fut>(&self, topic: &str, options: SubscribeOptions, handler: F) -> Result<Subscription>
+    async fn subscribe_with<F, Fut>(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+        handler: F,
+    ) -> Result<Subscription>
     where
         F: Fn(Envelope) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
@@ -304,7 +313,10 @@ impl PublishReceipt {
         }
     }
 
-    pub(crate) fn pending(event_id: EventId, receiver: oneshot::Receiver<Result<PublishAck>>) -> Self {
+    pub(crate) fn pending(
+        event_id: EventId,
+        receiver: oneshot::Receiver<Result<PublishAck>>,
+    ) -> Self {
         Self {
             event_id,
             state: ReceiptState::Pending(receiver),
@@ -322,11 +334,13 @@ impl Future for PublishReceipt {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.state {
-            ReceiptState::Settled(result) => Poll::Ready(result.take().unwrap_or(Err(Error::Closed))),
-            // The sender only disappears without a value when the bus was dropped without close().
-            ReceiptState::Pending(receiver) => {
-                Pin::new(receiver).poll(cx).map(|r| r.unwrap_or(Err(Error::ClosedBeforeAck)))
+            ReceiptState::Settled(result) => {
+                Poll::Ready(result.take().unwrap_or(Err(Error::Closed)))
             }
+            // The sender only disappears without a value when the bus was dropped without close().
+            ReceiptState::Pending(receiver) => Pin::new(receiver)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(Error::ClosedBeforeAck))),
         }
     }
 }

@@ -201,7 +201,9 @@ impl Dispatcher {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The queues stay consistent even if a holder panicked: every critical section is a single push or pop.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 struct Worker {
@@ -263,7 +265,9 @@ impl Worker {
                     Err(_) => return,
                 },
             };
-            let item = lock(&self.shared.queues).get_mut(&key).and_then(VecDeque::pop_front);
+            let item = lock(&self.shared.queues)
+                .get_mut(&key)
+                .and_then(VecDeque::pop_front);
             // Dropping `held` settles the key's schedule: back to the ready channel if deliveries remain,
             // otherwise its queue is removed.
             let mut held = Held {
@@ -278,7 +282,10 @@ impl Worker {
             if self.stop.is_cancelled() {
                 // Stopped between taking the key and starting: hand the delivery back untouched.
                 let item = held.item.take();
-                lock(&self.shared.queues).entry(held.key.clone()).or_default().push_front(item.expect("held"));
+                lock(&self.shared.queues)
+                    .entry(held.key.clone())
+                    .or_default()
+                    .push_front(item.expect("held"));
                 return;
             }
             // A settled delivery has left `held`; a stopped one goes back to its queue when `held` drops.
@@ -288,7 +295,13 @@ impl Worker {
 
     async fn process(&self, held: &mut Held<'_>) -> Outcome {
         let counters = &self.shared.counters;
-        let envelope = match &held.item.as_ref().expect("a held delivery").delivery.message {
+        let envelope = match &held
+            .item
+            .as_ref()
+            .expect("a held delivery")
+            .delivery
+            .message
+        {
             Message::Event(envelope) => envelope.clone(),
             Message::Undecodable { wire, error } => {
                 bump(&counters.undecodable);
@@ -324,7 +337,10 @@ impl Worker {
                     return self.give_up(held, &envelope, reason).await;
                 }
                 Ok(Err(error)) => format!("handler error: {error}"),
-                Err(_) => format!("handler timed out after {:?}", self.settings.handler_timeout),
+                Err(_) => format!(
+                    "handler timed out after {:?}",
+                    self.settings.handler_timeout
+                ),
             };
             bump(&counters.handler_failures);
             if attempts >= self.settings.retry.max_attempts {
@@ -358,7 +374,12 @@ impl Worker {
             wire.set_header(wire::DEAD_LETTER_TOPIC, self.shared.topic.as_str());
             let mut attempt = 0;
             // The original is acked only once the dead-letter copy is stored, so nothing is lost.
-            while let Err(error) = self.shared.dead_letters.dead_letter(topic, wire.clone()).await {
+            while let Err(error) = self
+                .shared
+                .dead_letters
+                .dead_letter(topic, wire.clone())
+                .await
+            {
                 attempt += 1;
                 tracing::warn!(%topic, %error, "dead-letter publish failed; retrying");
                 tokio::select! {
@@ -393,7 +414,11 @@ mod tests {
     }
 
     fn delivery(aggregate: &str, version: u64) -> Delivery {
-        let envelope = Envelope::builder(aggregate, "T").version(version).payload("p").build().unwrap();
+        let envelope = Envelope::builder(aggregate, "T")
+            .version(version)
+            .payload("p")
+            .build()
+            .unwrap();
         Delivery {
             message: Message::Event(Arc::new(envelope)),
             acker: Box::new(NoAck),
@@ -412,7 +437,11 @@ mod tests {
             move |event: Envelope| {
                 let (running, order) = (running.clone(), order.clone());
                 async move {
-                    assert_eq!(running.fetch_add(1, Ordering::SeqCst), 0, "two handlers ran for one key");
+                    assert_eq!(
+                        running.fetch_add(1, Ordering::SeqCst),
+                        0,
+                        "two handlers ran for one key"
+                    );
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     order.lock().unwrap().push(event.event_version);
                     running.fetch_sub(1, Ordering::SeqCst);
@@ -428,7 +457,13 @@ mod tests {
         };
         let mut tasks = JoinSet::new();
         let stop = CancellationToken::new();
-        dispatcher.spawn_workers(&mut tasks, Arc::new(handler), settings, stop.clone(), Arc::default());
+        dispatcher.spawn_workers(
+            &mut tasks,
+            Arc::new(handler),
+            settings,
+            stop.clone(),
+            Arc::default(),
+        );
         for version in 1..=5 {
             dispatcher.dispatch(delivery("a", version)).await;
             // Let a worker take the delivery so the key's queue is empty when the next one arrives.

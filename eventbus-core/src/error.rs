@@ -116,7 +116,10 @@ pub enum Error {
 
 impl Error {
     /// A broker error from a message and its source.
-    pub fn broker(message: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+    pub fn broker(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
         Self::Broker {
             message: message.into(),
             source: Some(Arc::new(source)),
@@ -127,7 +130,10 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Self::Backpressure { .. } | Self::AckTimeout(_) | Self::Connect { .. } | Self::Broker { .. }
+            Self::Backpressure { .. }
+                | Self::AckTimeout(_)
+                | Self::Connect { .. }
+                | Self::Broker { .. }
         )
     }
 }

@@ -100,16 +100,20 @@ impl PublishWindow {
         }
         let permit = match self.slots.clone().try_acquire_owned() {
             Ok(permit) => permit,
-            Err(_) => match tokio::time::timeout(self.enqueue_timeout, self.slots.clone().acquire_owned()).await {
-                Ok(Ok(permit)) => permit,
-                Ok(Err(_)) => return Err(Error::Closed),
-                Err(_) => {
-                    return Err(Error::Backpressure {
-                        window: self.size,
-                        waited: self.enqueue_timeout,
-                    })
+            Err(_) => {
+                match tokio::time::timeout(self.enqueue_timeout, self.slots.clone().acquire_owned())
+                    .await
+                {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) => return Err(Error::Closed),
+                    Err(_) => {
+                        return Err(Error::Backpressure {
+                            window: self.size,
+                            waited: self.enqueue_timeout,
+                        })
+                    }
                 }
-            },
+            }
         };
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
@@ -183,7 +187,8 @@ impl PublishWindow {
             return Vec::new();
         };
         // Every slot back means every accepted publish has settled.
-        let all_settled = tokio::time::timeout_at(deadline, self.slots.acquire_many(self.size as u32)).await;
+        let all_settled =
+            tokio::time::timeout_at(deadline, self.slots.acquire_many(self.size as u32)).await;
         if let Ok(Ok(permits)) = all_settled {
             permits.forget();
         }
@@ -242,12 +247,18 @@ impl Collector {
         }
         let ids = abandoned.iter().map(|p| p.event_id).collect();
         for pending in abandoned {
-            self.settle(pending, Err(Error::ClosedBeforeAck), &give_up).await;
+            self.settle(pending, Err(Error::ClosedBeforeAck), &give_up)
+                .await;
         }
         ids
     }
 
-    async fn settle(&self, pending: Pending, result: Result<PublishAck>, give_up: &CancellationToken) {
+    async fn settle(
+        &self,
+        pending: Pending,
+        result: Result<PublishAck>,
+        give_up: &CancellationToken,
+    ) {
         record(&self.counters, &result);
         if let (Some(results), Some(aggregate_id)) = (&self.results, pending.aggregate_id) {
             tokio::select! {

@@ -18,8 +18,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{
-    CloseReport, ConnectionState, EventBus, Handler, Health, Metrics, PublishAck, PublishReceipt, PublishResults,
-    SubscribeOptions,
+    CloseReport, ConnectionState, EventBus, Handler, Health, Metrics, PublishAck, PublishReceipt,
+    PublishResults, SubscribeOptions,
 };
 use crate::config::BusConfig;
 use crate::dispatch::{DeadLetterSink, Delivery, Dispatcher, Message, NoAck, WorkerSettings};
@@ -117,7 +117,9 @@ struct Fetcher {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl MemoryBus {
@@ -156,7 +158,10 @@ impl MemoryBus {
     pub fn publish_raw(&self, topic: &str, message: WireMessage) -> Result<u64> {
         validate_topic(topic)?;
         self.inner.ensure_open()?;
-        Ok(self.inner.topic(topic).append(Stored::Raw(Arc::new(message)), &self.inner.config))
+        Ok(self
+            .inner
+            .topic(topic)
+            .append(Stored::Raw(Arc::new(message)), &self.inner.config))
     }
 
     /// Simulates a broker outage, for tests of code that must survive one: until [`resume`](Self::resume),
@@ -189,7 +194,8 @@ impl MemoryBus {
             outage.delivery.send_replace(false);
             if !self.inner.closed.load(Ordering::Acquire) {
                 let mut health = Health::new(ConnectionState::Connected);
-                health.last_error = Some("broker unreachable (paused by MemoryBus::pause)".to_owned());
+                health.last_error =
+                    Some("broker unreachable (paused by MemoryBus::pause)".to_owned());
                 *lock(&self.inner.health) = health;
             }
         }
@@ -271,7 +277,8 @@ impl Topic {
             let offset = log.base + log.entries.len() as u64;
             log.entries.push_back(stored);
             log.appends_since_trim += 1;
-            let trim = log.appends_since_trim >= TRIM_EVERY && log.entries.len() > config.memory.history;
+            let trim =
+                log.appends_since_trim >= TRIM_EVERY && log.entries.len() > config.memory.history;
             (offset, trim)
         };
         self.end.send_replace(offset + 1);
@@ -327,10 +334,18 @@ impl Group {
             // task ever moves this group's cursor.
             let previous = fetcher.task.take();
             fetcher.stop = CancellationToken::new();
-            let task = fetch(topic.clone(), self.clone(), fetcher.stop.clone(), paused, previous);
+            let task = fetch(
+                topic.clone(),
+                self.clone(),
+                fetcher.stop.clone(),
+                paused,
+                previous,
+            );
             fetcher.task = Some(tokio::spawn(task));
         }
-        Membership { group: self.clone() }
+        Membership {
+            group: self.clone(),
+        }
     }
 
     /// Stops the fetch task and waits for it, at most until `deadline`.
@@ -439,7 +454,9 @@ struct MemoryDeadLetters(Weak<Inner>);
 impl DeadLetterSink for MemoryDeadLetters {
     async fn dead_letter(&self, topic: &str, message: WireMessage) -> Result<()> {
         let inner = self.0.upgrade().ok_or(Error::Closed)?;
-        inner.topic(topic).append(Stored::Raw(Arc::new(message)), &inner.config);
+        inner
+            .topic(topic)
+            .append(Stored::Raw(Arc::new(message)), &inner.config);
         Ok(())
     }
 }
@@ -482,13 +499,24 @@ impl EventBus for MemoryBus {
         let stored = Stored::Event(Arc::new(envelope));
         let receipt = match inner.hold_if_paused(&topic, stored) {
             Ok(stored_at) => {
-                let ack = async move { stored_at.await.map(|offset| ack.with_sequence(offset)).map_err(|_| Error::ClosedBeforeAck) };
-                inner.window.submit(slot, &topic.name, event_id, &aggregate_id, ack).await
+                let ack = async move {
+                    stored_at
+                        .await
+                        .map(|offset| ack.with_sequence(offset))
+                        .map_err(|_| Error::ClosedBeforeAck)
+                };
+                inner
+                    .window
+                    .submit(slot, &topic.name, event_id, &aggregate_id, ack)
+                    .await
             }
             Err(stored) => {
                 let offset = topic.append(stored, &inner.config);
                 let ack = std::future::ready(Ok(ack.with_sequence(offset)));
-                inner.window.submit(slot, &topic.name, event_id, &aggregate_id, ack).await
+                inner
+                    .window
+                    .submit(slot, &topic.name, event_id, &aggregate_id, ack)
+                    .await
             }
         };
         Ok(receipt)
@@ -505,12 +533,25 @@ impl EventBus for MemoryBus {
         inner.ensure_open()?;
         let config = &inner.config;
         let settings = WorkerSettings {
-            concurrency: options.concurrency.unwrap_or(config.subscribe.concurrency).max(1),
-            handler_timeout: options.handler_timeout.unwrap_or(config.subscribe.handler_timeout),
-            retry: options.retry.clone().unwrap_or_else(|| config.retry.clone()),
-            dead_letter_topic: config.dead_letter.enabled.then(|| config.dead_letter.topic_for(topic)),
+            concurrency: options
+                .concurrency
+                .unwrap_or(config.subscribe.concurrency)
+                .max(1),
+            handler_timeout: options
+                .handler_timeout
+                .unwrap_or(config.subscribe.handler_timeout),
+            retry: options
+                .retry
+                .clone()
+                .unwrap_or_else(|| config.retry.clone()),
+            dead_letter_topic: config
+                .dead_letter
+                .enabled
+                .then(|| config.dead_letter.topic_for(topic)),
         };
-        let capacity = options.max_in_flight.unwrap_or(config.subscribe.max_in_flight);
+        let capacity = options
+            .max_in_flight
+            .unwrap_or(config.subscribe.max_in_flight);
         let topic = inner.topic(topic);
         let group = topic.group(&options.group, || {
             let sink = Arc::new(MemoryDeadLetters(Arc::downgrade(inner)));
@@ -525,7 +566,11 @@ impl EventBus for MemoryBus {
             stop.clone(),
             abandoned.clone(),
         );
-        control.with_tasks(|tasks| group.dispatcher.spawn_workers(tasks, handler, settings, stop, abandoned));
+        control.with_tasks(|tasks| {
+            group
+                .dispatcher
+                .spawn_workers(tasks, handler, settings, stop, abandoned)
+        });
         control.hold(group.join(&topic, inner.outage.delivery.subscribe()));
         Ok(inner.subscriptions.register(control))
     }

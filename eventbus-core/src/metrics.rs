@@ -1,4 +1,4 @@
-//! Lock-free counters behind [`Metrics`](crate::Metrics).
+//! Lock-free counters behind [`Metrics`].
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 

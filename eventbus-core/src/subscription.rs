@@ -173,7 +173,9 @@ impl SubscriptionControl {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The subscriptions of one bus, so `close()` can close them all and dropping the bus aborts them all.
@@ -194,17 +196,23 @@ impl SubscriptionRegistry {
 
     /// Subscriptions not yet closed.
     pub fn live(&self) -> usize {
-        lock(&self.controls).iter().filter(|c| !c.is_closed()).count()
+        lock(&self.controls)
+            .iter()
+            .filter(|c| !c.is_closed())
+            .count()
     }
 
     /// Closes every subscription concurrently, all by `deadline`; returns the summed report.
     pub async fn close_all(&self, deadline: Instant) -> SubscriptionReport {
         let controls = std::mem::take(&mut *lock(&self.controls));
-        let reports = futures_util::future::join_all(controls.iter().map(|c| c.close(deadline))).await;
-        reports.into_iter().fold(SubscriptionReport::default(), |sum, r| SubscriptionReport {
-            abandoned: sum.abandoned + r.abandoned,
-            timed_out: sum.timed_out || r.timed_out,
-        })
+        let reports =
+            futures_util::future::join_all(controls.iter().map(|c| c.close(deadline))).await;
+        reports
+            .into_iter()
+            .fold(SubscriptionReport::default(), |sum, r| SubscriptionReport {
+                abandoned: sum.abandoned + r.abandoned,
+                timed_out: sum.timed_out || r.timed_out,
+            })
     }
 
     /// Aborts every subscription at once (used when a bus is dropped without close).

@@ -27,13 +27,24 @@ pub async fn run(backend: &dyn Backend) -> anyhow::Result<()> {
     config.retry = quick_retry(3);
     let connection = backend.connect(config).await?;
     transient(backend, &connection).await.context("transient")?;
-    dead_letters(backend, &connection).await.context("dead letters")?;
+    dead_letters(backend, &connection)
+        .await
+        .context("dead letters")?;
     if connection.raw.is_some() {
-        undecodable(backend, &connection).await.context("undecodable")?;
+        undecodable(backend, &connection)
+            .await
+            .context("undecodable")?;
     } else {
-        not_run(backend, SUITE, "undecodable", "no raw broker access to publish a malformed message");
+        not_run(
+            backend,
+            SUITE,
+            "undecodable",
+            "no raw broker access to publish a malformed message",
+        );
     }
-    replaced_subscriber(backend, &connection).await.context("replaced subscriber")?;
+    replaced_subscriber(backend, &connection)
+        .await
+        .context("replaced subscriber")?;
     connection.bus.close().await;
     Ok(())
 }
@@ -45,22 +56,26 @@ async fn transient(backend: &dyn Backend, connection: &Connection) -> anyhow::Re
     let attempts: Arc<Mutex<HashMap<EventId, u32>>> = Arc::default();
     let subscription = {
         let (recorder, attempts) = (recorder.clone(), attempts.clone());
-        bus.subscribe_with(&workload.topics[0], SubscribeOptions::group("g"), move |event| {
-            let (recorder, attempts) = (recorder.clone(), attempts.clone());
-            async move {
-                let attempt = {
-                    let mut attempts = attempts.lock().unwrap();
-                    let attempt = attempts.entry(event.event_id).or_insert(0);
-                    *attempt += 1;
-                    *attempt
-                };
-                if attempt <= 2 {
-                    return Err(HandlerError::transient(format!("attempt {attempt} fails")));
+        bus.subscribe_with(
+            &workload.topics[0],
+            SubscribeOptions::group("g"),
+            move |event| {
+                let (recorder, attempts) = (recorder.clone(), attempts.clone());
+                async move {
+                    let attempt = {
+                        let mut attempts = attempts.lock().unwrap();
+                        let attempt = attempts.entry(event.event_id).or_insert(0);
+                        *attempt += 1;
+                        *attempt
+                    };
+                    if attempt <= 2 {
+                        return Err(HandlerError::transient(format!("attempt {attempt} fails")));
+                    }
+                    recorder.record(&event);
+                    Ok(())
                 }
-                recorder.record(&event);
-                Ok(())
-            }
-        })
+            },
+        )
         .await?
     };
     let published = workload.publish(connection.bus.clone()).await;
@@ -72,11 +87,24 @@ async fn transient(backend: &dyn Backend, connection: &Connection) -> anyhow::Re
         backend,
         SUITE,
         "transient-errors-retried-in-order",
-        format_args!("messages={} handler_calls={calls} {tally}", workload.total()),
+        format_args!(
+            "messages={} handler_calls={calls} {tally}",
+            workload.total()
+        ),
     );
-    ensure!(published.failed == 0, "publishes failed: {:?}", published.errors);
-    ensure!(complete && tally.violations == 0 && tally.duplicates == 0, "{tally}");
-    ensure!(calls as usize == 3 * workload.total(), "expected three calls per event, made {calls}");
+    ensure!(
+        published.failed == 0,
+        "publishes failed: {:?}",
+        published.errors
+    );
+    ensure!(
+        complete && tally.violations == 0 && tally.duplicates == 0,
+        "{tally}"
+    );
+    ensure!(
+        calls as usize == 3 * workload.total(),
+        "expected three calls per event, made {calls}"
+    );
     Ok(())
 }
 
@@ -87,7 +115,8 @@ async fn dead_letters(backend: &dyn Backend, connection: &Connection) -> anyhow:
     let (permanent, exhausted) = (workload.aggregate_id(0), workload.aggregate_id(1));
     let recorder = Arc::new(Recorder::default());
     let subscription = {
-        let (recorder, permanent, exhausted) = (recorder.clone(), permanent.clone(), exhausted.clone());
+        let (recorder, permanent, exhausted) =
+            (recorder.clone(), permanent.clone(), exhausted.clone());
         bus.subscribe_with(topic, SubscribeOptions::group("g"), move |event| {
             let recorder = recorder.clone();
             let fails_for_good = event.aggregate_id == permanent && event.event_version == 3;
@@ -108,21 +137,29 @@ async fn dead_letters(backend: &dyn Backend, connection: &Connection) -> anyhow:
     let (dlq_tx, mut dlq_rx) = mpsc::unbounded_channel();
     let dead_letter_topic = backend.config().dead_letter.topic_for(topic);
     let dlq_reader = bus
-        .subscribe_with(&dead_letter_topic, SubscribeOptions::group("dlq-reader"), move |event: Envelope| {
-            let dlq_tx = dlq_tx.clone();
-            async move {
-                dlq_tx.send(event)?;
-                Ok(())
-            }
-        })
+        .subscribe_with(
+            &dead_letter_topic,
+            SubscribeOptions::group("dlq-reader"),
+            move |event: Envelope| {
+                let dlq_tx = dlq_tx.clone();
+                async move {
+                    dlq_tx.send(event)?;
+                    Ok(())
+                }
+            },
+        )
         .await?;
     let published = workload.publish(connection.bus.clone()).await;
     let mut dead = Vec::new();
     while dead.len() < 2 {
-        let event = tokio::time::timeout(DELIVERY_DEADLINE, dlq_rx.recv()).await?.context("dead-letter reader ended")?;
+        let event = tokio::time::timeout(DELIVERY_DEADLINE, dlq_rx.recv())
+            .await?
+            .context("dead-letter reader ended")?;
         dead.push(event);
     }
-    let delivered = recorder.wait_for(workload.total() - 2, DELIVERY_DEADLINE).await;
+    let delivered = recorder
+        .wait_for(workload.total() - 2, DELIVERY_DEADLINE)
+        .await;
     subscription.close().await;
     dlq_reader.close().await;
     dead.sort_by_key(|e| e.aggregate_id.clone());
@@ -145,19 +182,51 @@ async fn dead_letters(backend: &dyn Backend, connection: &Connection) -> anyhow:
         format_args!("dead_letter_topic={dead_letter_topic} dead_letters={reasons:?} later_versions={:?}/{:?}",
             recorder.versions(&permanent), recorder.versions(&exhausted)),
     );
-    ensure!(published.failed == 0, "publishes failed: {:?}", published.errors);
-    let permanent_dl = dead.iter().find(|e| e.aggregate_id == permanent).context("permanent failure not dead-lettered")?;
+    ensure!(
+        published.failed == 0,
+        "publishes failed: {:?}",
+        published.errors
+    );
+    let permanent_dl = dead
+        .iter()
+        .find(|e| e.aggregate_id == permanent)
+        .context("permanent failure not dead-lettered")?;
     ensure!(permanent_dl.event_version == 3, "wrong event dead-lettered");
     let reason = &permanent_dl.headers[wire::DEAD_LETTER_REASON];
-    ensure!(reason.contains("permanent") && reason.contains("order total is negative"), "reason: {reason}");
-    ensure!(permanent_dl.headers[wire::DEAD_LETTER_ATTEMPTS] == "1", "a permanent error was retried");
-    ensure!(permanent_dl.headers[wire::DEAD_LETTER_TOPIC] == *topic, "origin topic missing");
-    let exhausted_dl = dead.iter().find(|e| e.aggregate_id == exhausted).context("exhausted retries not dead-lettered")?;
+    ensure!(
+        reason.contains("permanent") && reason.contains("order total is negative"),
+        "reason: {reason}"
+    );
+    ensure!(
+        permanent_dl.headers[wire::DEAD_LETTER_ATTEMPTS] == "1",
+        "a permanent error was retried"
+    );
+    ensure!(
+        permanent_dl.headers[wire::DEAD_LETTER_TOPIC] == *topic,
+        "origin topic missing"
+    );
+    let exhausted_dl = dead
+        .iter()
+        .find(|e| e.aggregate_id == exhausted)
+        .context("exhausted retries not dead-lettered")?;
     let reason = &exhausted_dl.headers[wire::DEAD_LETTER_REASON];
-    ensure!(reason.contains("gave up after 3 attempts") && reason.contains("inventory service unavailable"), "reason: {reason}");
-    ensure!(delivered, "the aggregates did not go on after dead-lettering");
-    ensure!(recorder.versions(&permanent) == [1, 2, 4, 5], "order after dead letter");
-    ensure!(recorder.versions(&exhausted) == [1, 3, 4, 5], "order after dead letter");
+    ensure!(
+        reason.contains("gave up after 3 attempts")
+            && reason.contains("inventory service unavailable"),
+        "reason: {reason}"
+    );
+    ensure!(
+        delivered,
+        "the aggregates did not go on after dead-lettering"
+    );
+    ensure!(
+        recorder.versions(&permanent) == [1, 2, 4, 5],
+        "order after dead letter"
+    );
+    ensure!(
+        recorder.versions(&exhausted) == [1, 3, 4, 5],
+        "order after dead letter"
+    );
     Ok(())
 }
 
@@ -168,7 +237,8 @@ async fn undecodable(backend: &dyn Backend, connection: &Connection) -> anyhow::
     let topic = &workload.topics[0];
     let recorder = Arc::new(Recorder::default());
     let undecodable_before = bus.metrics().undecodable;
-    let subscription = record_into(bus, topic, SubscribeOptions::group("g"), recorder.clone()).await?;
+    let subscription =
+        record_into(bus, topic, SubscribeOptions::group("g"), recorder.clone()).await?;
     bus.publish(topic, workload.event(0, 1)).await?.await?;
     let no_headers = WireMessage {
         headers: vec![("content-type".into(), "text/plain".into())],
@@ -182,10 +252,15 @@ async fn undecodable(backend: &dyn Backend, connection: &Connection) -> anyhow::
     bus.publish(topic, workload.event(0, 2)).await?.await?;
     let complete = recorder.wait_for(2, DELIVERY_DEADLINE).await;
     let dead_letter_topic = backend.config().dead_letter.topic_for(topic);
-    let dead = raw.read_raw(&dead_letter_topic, 2, DELIVERY_DEADLINE).await?;
+    let dead = raw
+        .read_raw(&dead_letter_topic, 2, DELIVERY_DEADLINE)
+        .await?;
     subscription.close().await;
     let undecodable = bus.metrics().undecodable - undecodable_before;
-    let reasons: Vec<&str> = dead.iter().filter_map(|m| m.header(wire::DEAD_LETTER_REASON)).collect();
+    let reasons: Vec<&str> = dead
+        .iter()
+        .filter_map(|m| m.header(wire::DEAD_LETTER_REASON))
+        .collect();
     figures(
         backend,
         SUITE,
@@ -197,10 +272,24 @@ async fn undecodable(backend: &dyn Backend, connection: &Connection) -> anyhow::
         ),
     );
     ensure!(complete, "the consumer stopped at the undecodable messages");
-    ensure!(undecodable == 2 && dead.len() == 2, "expected two undecodable messages dead-lettered");
-    ensure!(dead[0].payload == "not an event" && dead[1].payload == "bad version", "payloads not kept intact");
-    ensure!(reasons[0].contains("event-id is missing"), "reason: {}", reasons[0]);
-    ensure!(reasons[1].contains("event-version is malformed"), "reason: {}", reasons[1]);
+    ensure!(
+        undecodable == 2 && dead.len() == 2,
+        "expected two undecodable messages dead-lettered"
+    );
+    ensure!(
+        dead[0].payload == "not an event" && dead[1].payload == "bad version",
+        "payloads not kept intact"
+    );
+    ensure!(
+        reasons[0].contains("event-id is missing"),
+        "reason: {}",
+        reasons[0]
+    );
+    ensure!(
+        reasons[1].contains("event-version is malformed"),
+        "reason: {}",
+        reasons[1]
+    );
     Ok(())
 }
 
@@ -213,13 +302,17 @@ async fn replaced_subscriber(backend: &dyn Backend, connection: &Connection) -> 
     patient.initial_backoff = Duration::from_millis(20);
     let failing = {
         let failures = failures.clone();
-        bus.subscribe_with(topic, SubscribeOptions::group("replaced").retry(patient), move |_| {
-            let failures = failures.clone();
-            async move {
-                failures.fetch_add(1, Ordering::Relaxed);
-                Err::<(), _>(HandlerError::transient("downstream is down"))
-            }
-        })
+        bus.subscribe_with(
+            topic,
+            SubscribeOptions::group("replaced").retry(patient),
+            move |_| {
+                let failures = failures.clone();
+                async move {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                    Err::<(), _>(HandlerError::transient("downstream is down"))
+                }
+            },
+        )
         .await?
     };
     let published = workload.publish(connection.bus.clone()).await;
@@ -228,7 +321,13 @@ async fn replaced_subscriber(backend: &dyn Backend, connection: &Connection) -> 
     }
     let report = failing.close().await;
     let recorder = Arc::new(Recorder::default());
-    let fresh = record_into(bus, topic, SubscribeOptions::group("replaced"), recorder.clone()).await?;
+    let fresh = record_into(
+        bus,
+        topic,
+        SubscribeOptions::group("replaced"),
+        recorder.clone(),
+    )
+    .await?;
     let complete = recorder.wait_for(workload.total(), DELIVERY_DEADLINE).await;
     fresh.close().await;
     let tally = recorder.tally(workload.total());
@@ -243,7 +342,14 @@ async fn replaced_subscriber(backend: &dyn Backend, connection: &Connection) -> 
             report.abandoned
         ),
     );
-    ensure!(published.failed == 0, "publishes failed: {:?}", published.errors);
-    ensure!(complete && tally.violations == 0 && tally.duplicates == 0, "{tally}");
+    ensure!(
+        published.failed == 0,
+        "publishes failed: {:?}",
+        published.errors
+    );
+    ensure!(
+        complete && tally.violations == 0 && tally.duplicates == 0,
+        "{tally}"
+    );
     Ok(())
 }

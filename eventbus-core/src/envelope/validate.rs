@@ -22,7 +22,9 @@ pub enum ValidationError {
         len: usize,
     },
     /// `aggregate_id` holds a character outside `[A-Za-z0-9:_\-./]`.
-    #[error("aggregate_id has {character:?} at byte {position}; only A-Z a-z 0-9 : _ - . / are allowed")]
+    #[error(
+        "aggregate_id has {character:?} at byte {position}; only A-Z a-z 0-9 : _ - . / are allowed"
+    )]
     AggregateIdCharacter {
         /// The rejected character.
         character: char,
@@ -98,7 +100,9 @@ pub(super) fn validate_envelope(envelope: &Envelope) -> Result<(), ValidationErr
         ("tenant_id", &envelope.tenant_id),
     ] {
         if value.as_deref().is_some_and(has_control) {
-            return Err(ValidationError::ControlCharacterInValue { field: field.into() });
+            return Err(ValidationError::ControlCharacterInValue {
+                field: field.into(),
+            });
         }
     }
     for (name, value) in &envelope.headers {
@@ -128,7 +132,10 @@ fn validate_aggregate_id(id: &str) -> Result<(), ValidationError> {
         .char_indices()
         .find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '-' | '.' | '/')))
     {
-        return Err(ValidationError::AggregateIdCharacter { character, position });
+        return Err(ValidationError::AggregateIdCharacter {
+            character,
+            position,
+        });
     }
     Ok(())
 }
@@ -178,8 +185,12 @@ mod tests {
 
     #[test]
     fn each_rule_has_its_own_error() {
-        let cases: Vec<(Box<dyn Fn(&mut Envelope)>, ValidationError)> = vec![
-            (Box::new(|e| e.aggregate_id.clear()), ValidationError::EmptyAggregateId),
+        type BreakRule = Box<dyn Fn(&mut Envelope)>;
+        let cases: Vec<(BreakRule, ValidationError)> = vec![
+            (
+                Box::new(|e| e.aggregate_id.clear()),
+                ValidationError::EmptyAggregateId,
+            ),
             (
                 Box::new(|e| e.aggregate_id = "a".repeat(257)),
                 ValidationError::AggregateIdTooLong { len: 257 },
@@ -191,9 +202,18 @@ mod tests {
                     position: 3,
                 },
             ),
-            (Box::new(|e| e.event_type.clear()), ValidationError::EmptyEventType),
-            (Box::new(|e| e.event_version = 0), ValidationError::ZeroVersion),
-            (Box::new(|e| e.payload = Default::default()), ValidationError::EmptyPayload),
+            (
+                Box::new(|e| e.event_type.clear()),
+                ValidationError::EmptyEventType,
+            ),
+            (
+                Box::new(|e| e.event_version = 0),
+                ValidationError::ZeroVersion,
+            ),
+            (
+                Box::new(|e| e.payload = Default::default()),
+                ValidationError::EmptyPayload,
+            ),
             (
                 Box::new(|e| {
                     e.headers.insert("Event-Id".into(), "x".into());
@@ -224,7 +244,17 @@ mod tests {
         for ok in ["orders", "orders.v1", "a-b_c", "T"] {
             assert_eq!(validate_topic(ok), Ok(()), "{ok}");
         }
-        for bad in ["", ".a", "a.", "a..b", "a b", "a*", "a>", "ü", &"t".repeat(201)] {
+        for bad in [
+            "",
+            ".a",
+            "a.",
+            "a..b",
+            "a b",
+            "a*",
+            "a>",
+            "ü",
+            &"t".repeat(201),
+        ] {
             assert!(validate_topic(bad).is_err(), "{bad}");
         }
     }

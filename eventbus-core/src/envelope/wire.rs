@@ -58,8 +58,12 @@ pub const RESERVED_HEADERS: [&str; 8] = [
 
 /// Whether a user header named `name` would collide with the bus's metadata or the broker's own headers.
 pub fn is_reserved(name: &str) -> bool {
-    RESERVED_HEADERS.iter().any(|r| r.eq_ignore_ascii_case(name))
-        || name.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("nats-"))
+    RESERVED_HEADERS
+        .iter()
+        .any(|r| r.eq_ignore_ascii_case(name))
+        || name
+            .get(..5)
+            .is_some_and(|p| p.eq_ignore_ascii_case("nats-"))
 }
 
 /// A message as it travels on a broker: headers and raw body.
@@ -126,7 +130,10 @@ pub fn encode(envelope: &Envelope) -> WireMessage {
     headers.push((AGGREGATE_ID.to_owned(), envelope.aggregate_id.clone()));
     headers.push((EVENT_TYPE.to_owned(), envelope.event_type.clone()));
     headers.push((EVENT_VERSION.to_owned(), envelope.event_version.to_string()));
-    headers.push((EVENT_TIMESTAMP.to_owned(), format_timestamp(envelope.timestamp)));
+    headers.push((
+        EVENT_TIMESTAMP.to_owned(),
+        format_timestamp(envelope.timestamp),
+    ));
     for (name, value) in [
         (TRACE_ID, &envelope.trace_id),
         (CORRELATION_ID, &envelope.correlation_id),
@@ -152,7 +159,10 @@ where
     let mut fields: [Option<&'a [u8]>; 8] = [None; 8];
     let mut user = std::collections::BTreeMap::new();
     for (name, value) in headers {
-        if let Some(slot) = RESERVED_HEADERS.iter().position(|r| r.eq_ignore_ascii_case(name)) {
+        if let Some(slot) = RESERVED_HEADERS
+            .iter()
+            .position(|r| r.eq_ignore_ascii_case(name))
+        {
             fields[slot].get_or_insert(value);
         } else if !is_reserved(name) {
             let value = text(name, value).map_err(|reason| DecodeError::MalformedHeader {
@@ -173,18 +183,26 @@ where
             Some(_) => required(slot).map(|v| Some(v.to_owned())),
         }
     };
-    let malformed = |name: &'static str, reason: String| DecodeError::MalformedHeader { name, reason };
+    let malformed =
+        |name: &'static str, reason: String| DecodeError::MalformedHeader { name, reason };
 
     let event_id = required(0)?
         .parse::<EventId>()
         .map_err(|e| malformed(EVENT_ID, format!("expected a UUID: {e}")))?;
     let version = required(3)?;
-    let event_version = version
-        .parse::<u64>()
-        .map_err(|_| malformed(EVENT_VERSION, format!("expected a positive integer, got {version:?}")))?;
+    let event_version = version.parse::<u64>().map_err(|_| {
+        malformed(
+            EVENT_VERSION,
+            format!("expected a positive integer, got {version:?}"),
+        )
+    })?;
     let timestamp = required(4)?;
-    let timestamp = humantime::parse_rfc3339(timestamp)
-        .map_err(|e| malformed(EVENT_TIMESTAMP, format!("expected RFC 3339 UTC time, got {timestamp:?}: {e}")))?;
+    let timestamp = humantime::parse_rfc3339(timestamp).map_err(|e| {
+        malformed(
+            EVENT_TIMESTAMP,
+            format!("expected RFC 3339 UTC time, got {timestamp:?}: {e}"),
+        )
+    })?;
 
     let envelope = Envelope {
         event_id,
@@ -302,16 +320,25 @@ mod tests {
         let e = Envelope::builder("a-1", "T").payload("p").build().unwrap();
         let mut wire = encode(&e);
         wire.headers.retain(|(n, _)| n != EVENT_TYPE);
-        assert_eq!(wire.decode(), Err(DecodeError::MissingHeader { name: EVENT_TYPE }));
+        assert_eq!(
+            wire.decode(),
+            Err(DecodeError::MissingHeader { name: EVENT_TYPE })
+        );
 
         let mut wire = encode(&e);
         wire.set_header(EVENT_VERSION, "seven");
         let err = wire.decode().unwrap_err();
-        assert!(err.to_string().contains("event-version is malformed"), "{err}");
+        assert!(
+            err.to_string().contains("event-version is malformed"),
+            "{err}"
+        );
 
         let mut wire = encode(&e);
         wire.set_header(EVENT_VERSION, "0");
-        assert_eq!(wire.decode(), Err(DecodeError::Invalid(ValidationError::ZeroVersion)));
+        assert_eq!(
+            wire.decode(),
+            Err(DecodeError::Invalid(ValidationError::ZeroVersion))
+        );
     }
 
     #[test]
@@ -321,7 +348,8 @@ mod tests {
         for (name, _) in &mut wire.headers {
             *name = name.to_uppercase();
         }
-        wire.headers.push(("Nats-Msg-Id".into(), e.event_id.to_string()));
+        wire.headers
+            .push(("Nats-Msg-Id".into(), e.event_id.to_string()));
         assert_eq!(wire.decode(), Ok(e));
     }
 }
