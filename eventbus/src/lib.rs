@@ -28,6 +28,11 @@ use std::sync::Arc;
 
 pub use eventbus_core::*;
 
+/// The README's code samples, compiled and run as doctests so they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 /// A bus of any backend, as [`connect`] returns it.
 pub type Bus = Arc<dyn EventBus>;
 
