@@ -61,6 +61,23 @@ pub async fn settle_to(baseline: Resources, within: Duration) -> Resources {
     }
 }
 
+/// Alive tasks once the runtime has caught up with tasks that just ended: polls for up to 200 ms until the
+/// count is back at `baseline`.
+///
+/// A task is removed from the runtime's count a moment after whoever awaited its `JoinHandle` has seen it
+/// finish, so a count taken right after `close()` returns may still include a task that has ended.
+pub async fn tasks_settled(baseline: usize) -> usize {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+    loop {
+        let tasks = alive_tasks();
+        if tasks <= baseline || tokio::time::Instant::now() >= deadline {
+            return tasks;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Samples the alive task count from an OS thread (so the sampler is not itself a task) and keeps the peak.
 pub struct PeakTasks {
     peak: Arc<AtomicUsize>,

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::RetryPolicy;
 use crate::envelope::{Envelope, EventId};
@@ -361,12 +362,20 @@ pub struct PublishResult {
 
 /// The stream of settled publishes; see [`EventBus::publish_results`].
 #[derive(Debug)]
-pub struct PublishResults(pub(crate) mpsc::Receiver<PublishResult>);
+pub struct PublishResults {
+    pub(crate) receiver: mpsc::Receiver<PublishResult>,
+    /// Cancelled once the bus has settled its last publish.
+    pub(crate) finished: CancellationToken,
+}
 
 impl PublishResults {
     /// The next settled publish, or `None` once the bus is closed and every report was read.
     pub async fn recv(&mut self) -> Option<PublishResult> {
-        self.0.recv().await
+        tokio::select! {
+            biased;
+            result = self.receiver.recv() => result,
+            _ = self.finished.cancelled() => self.receiver.try_recv().ok(),
+        }
     }
 }
 

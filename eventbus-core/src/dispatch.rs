@@ -8,13 +8,16 @@
 //!
 //! The worker count is fixed by configuration; no task is spawned per message.
 
+use std::any::Any;
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -199,6 +202,14 @@ impl Dispatcher {
     }
 }
 
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a non-text panic payload")
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The queues stay consistent even if a holder panicked: every critical section is a single push or pop.
     mutex
@@ -320,23 +331,27 @@ impl Worker {
                 item.attempts
             };
             bump(&counters.handler_calls);
-            let call = self.handler.handle((*envelope).clone());
+            // A panicking handler is a failed attempt like any other: the worker survives it.
+            let call = AssertUnwindSafe(self.handler.handle((*envelope).clone())).catch_unwind();
             let reason = match tokio::time::timeout(self.settings.handler_timeout, call).await {
-                Ok(Ok(())) => {
-                    let delivery = held.item.take().expect("a held delivery").delivery;
-                    if let Err(error) = delivery.acker.ack().await {
-                        tracing::warn!(topic = %self.shared.topic, %error, "ack failed; the broker will redeliver");
-                    } else {
-                        bump(&counters.acked);
+                Ok(Err(panic)) => format!("handler panicked: {}", panic_message(&*panic)),
+                Ok(Ok(outcome)) => match outcome {
+                    Ok(()) => {
+                        let delivery = held.item.take().expect("a held delivery").delivery;
+                        if let Err(error) = delivery.acker.ack().await {
+                            tracing::warn!(topic = %self.shared.topic, %error, "ack failed; the broker will redeliver");
+                        } else {
+                            bump(&counters.acked);
+                        }
+                        return Outcome::Settled;
                     }
-                    return Outcome::Settled;
-                }
-                Ok(Err(error)) if error.is_permanent() => {
-                    bump(&counters.handler_failures);
-                    let reason = format!("permanent handler error: {error}");
-                    return self.give_up(held, &envelope, reason).await;
-                }
-                Ok(Err(error)) => format!("handler error: {error}"),
+                    Err(error) if error.is_permanent() => {
+                        bump(&counters.handler_failures);
+                        let reason = format!("permanent handler error: {error}");
+                        return self.give_up(held, &envelope, reason).await;
+                    }
+                    Err(error) => format!("handler error: {error}"),
+                },
                 Err(_) => format!(
                     "handler timed out after {:?}",
                     self.settings.handler_timeout

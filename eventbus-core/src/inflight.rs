@@ -56,6 +56,8 @@ pub struct PublishWindow {
     results: Option<mpsc::Sender<PublishResult>>,
     results_receiver: std::sync::Mutex<Option<PublishResults>>,
     give_up: CancellationToken,
+    /// Tells the publish-result stream that no report will follow.
+    finished: CancellationToken,
     collector: tokio::sync::Mutex<Option<JoinHandle<Vec<EventId>>>>,
     counters: Arc<Counters>,
 }
@@ -64,9 +66,14 @@ impl PublishWindow {
     /// Starts the window and its collector task on the current tokio runtime.
     pub fn new(config: &PublishConfig, counters: Arc<Counters>) -> Self {
         let (pending, receiver) = mpsc::unbounded_channel();
+        let finished = CancellationToken::new();
         let (results, results_receiver) = if config.report_results {
             let (tx, rx) = mpsc::channel(config.window);
-            (Some(tx), Some(PublishResults(rx)))
+            let stream = PublishResults {
+                receiver: rx,
+                finished: finished.clone(),
+            };
+            (Some(tx), Some(stream))
         } else {
             (None, None)
         };
@@ -87,6 +94,7 @@ impl PublishWindow {
             results,
             results_receiver: std::sync::Mutex::new(results_receiver),
             give_up,
+            finished,
             collector: tokio::sync::Mutex::new(Some(collector)),
             counters,
         }
@@ -194,13 +202,16 @@ impl PublishWindow {
         }
         self.give_up.cancel();
         self.slots.close();
-        handle.await.unwrap_or_default()
+        let abandoned = handle.await.unwrap_or_default();
+        self.finished.cancel();
+        abandoned
     }
 }
 
 impl Drop for PublishWindow {
     fn drop(&mut self) {
         self.give_up.cancel();
+        self.finished.cancel();
         if let Ok(mut collector) = self.collector.try_lock() {
             if let Some(handle) = collector.take() {
                 handle.abort();

@@ -51,6 +51,7 @@ pub async fn run(backend: &dyn Backend) -> anyhow::Result<()> {
         .context("subscription churn")?;
     connection.bus.close().await;
     flush_on_close(backend).await.context("flush on close")?;
+    publish_results(backend).await.context("publish results")?;
     Ok(())
 }
 
@@ -474,6 +475,70 @@ async fn flush_on_close(backend: &dyn Backend) -> anyhow::Result<()> {
     ensure!(
         matches!(after, Err(Error::Closed)),
         "publish after close: {after:?}"
+    );
+    Ok(())
+}
+
+async fn publish_results(backend: &dyn Backend) -> anyhow::Result<()> {
+    let mut config = backend.config();
+    config.publish.report_results = true;
+    let connection = backend.connect(config).await?;
+    let bus = &*connection.bus;
+    let mut results = bus
+        .publish_results()
+        .context("report_results is on but there is no stream")?;
+    ensure!(
+        bus.publish_results().is_none(),
+        "the stream was handed out twice"
+    );
+    let workload = Workload::new("delivery-results", 4, 5, 1);
+    let mut sent = Vec::new();
+    for i in 0..workload.aggregates {
+        for v in 1..=workload.versions {
+            let event = workload.event(i, v);
+            sent.push(event.event_id);
+            let _receipt = bus.publish(&workload.topics[0], event).await?;
+        }
+    }
+    let mut reported = Vec::new();
+    while reported.len() < sent.len() {
+        let result = tokio::time::timeout(DELIVERY_DEADLINE, results.recv())
+            .await?
+            .context("stream ended early")?;
+        ensure!(
+            result.topic == workload.topics[0],
+            "result names topic {}",
+            result.topic
+        );
+        ensure!(
+            result.outcome.is_ok(),
+            "publish failed: {:?}",
+            result.outcome
+        );
+        reported.push(result.event_id);
+    }
+    bus.close().await;
+    let end = tokio::time::timeout(Duration::from_secs(1), results.recv()).await;
+    figures(
+        backend,
+        SUITE,
+        "publish-result-stream",
+        format_args!(
+            "published={} reported={} stream_ends_after_close={}",
+            sent.len(),
+            reported.len(),
+            matches!(end, Ok(None))
+        ),
+    );
+    sent.sort();
+    reported.sort();
+    ensure!(
+        sent == reported,
+        "the stream did not report each publish exactly once"
+    );
+    ensure!(
+        matches!(end, Ok(None)),
+        "the stream did not end after close: {end:?}"
     );
     Ok(())
 }

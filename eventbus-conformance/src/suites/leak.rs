@@ -11,7 +11,7 @@ use eventbus::SubscribeOptions;
 use super::DELIVERY_DEADLINE;
 use crate::backend::Backend;
 use crate::harness::figures;
-use crate::probe::{resources, settle_to, Resources};
+use crate::probe::{resources, settle_to, tasks_settled, Resources};
 use crate::recorder::Recorder;
 use crate::workload::{record_into, Workload};
 
@@ -62,8 +62,9 @@ async fn cycles(backend: &dyn Backend, baseline: Resources) -> anyhow::Result<()
             "close cut work short: {report:?}"
         );
     }
-    // Tasks must be back the moment close returns; descriptors and threads are given a moment to be released.
-    let tasks_right_after_close = resources().tasks;
+    // Tasks must be back once close returns (allowing the runtime's bookkeeping to catch up); descriptors and
+    // threads are given a moment to be released.
+    let tasks_right_after_close = tasks_settled(baseline.tasks).await;
     let after = settle_to(baseline, Duration::from_secs(5)).await;
     figures(
         backend,

@@ -13,7 +13,7 @@ use eventbus::{EventBusExt, EventId, HandlerError, SubscribeOptions};
 use super::{quick_retry, DELIVERY_DEADLINE};
 use crate::backend::Backend;
 use crate::harness::figures;
-use crate::probe::{alive_tasks, PeakTasks};
+use crate::probe::{alive_tasks, tasks_settled, PeakTasks};
 use crate::recorder::Recorder;
 use crate::workload::Workload;
 
@@ -94,7 +94,7 @@ async fn scenario(
     let report = bus.close().await;
     let peak = peak.finish();
     drop((bus, connection));
-    let tasks_after = alive_tasks();
+    let tasks_after = tasks_settled(tasks_before).await;
 
     let tally = recorder.tally(total);
     let shares: Vec<usize> = per_member

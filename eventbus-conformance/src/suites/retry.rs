@@ -27,6 +27,9 @@ pub async fn run(backend: &dyn Backend) -> anyhow::Result<()> {
     config.retry = quick_retry(3);
     let connection = backend.connect(config).await?;
     transient(backend, &connection).await.context("transient")?;
+    panicking_handler(backend, &connection)
+        .await
+        .context("panicking handler")?;
     dead_letters(backend, &connection)
         .await
         .context("dead letters")?;
@@ -340,6 +343,59 @@ async fn replaced_subscriber(backend: &dyn Backend, connection: &Connection) -> 
             workload.total(),
             failures.load(Ordering::Relaxed),
             report.abandoned
+        ),
+    );
+    ensure!(
+        published.failed == 0,
+        "publishes failed: {:?}",
+        published.errors
+    );
+    ensure!(
+        complete && tally.violations == 0 && tally.duplicates == 0,
+        "{tally}"
+    );
+    Ok(())
+}
+
+async fn panicking_handler(backend: &dyn Backend, connection: &Connection) -> anyhow::Result<()> {
+    let bus = &*connection.bus;
+    let workload = Workload::new("retry-panic", 4, 3, 1);
+    let recorder = Arc::new(Recorder::default());
+    let panicked = Arc::new(AtomicUsize::new(0));
+    let subscription = {
+        let (recorder, panicked) = (recorder.clone(), panicked.clone());
+        bus.subscribe_with(
+            &workload.topics[0],
+            SubscribeOptions::group("g").concurrency(2),
+            move |event| {
+                let (recorder, panicked) = (recorder.clone(), panicked.clone());
+                async move {
+                    if event.event_version == 2 && panicked.fetch_add(1, Ordering::SeqCst) < 4 {
+                        panic!("handler bug on {} v2", event.aggregate_id);
+                    }
+                    recorder.record(&event);
+                    Ok::<(), HandlerError>(())
+                }
+            },
+        )
+        .await?
+    };
+    // The panics are expected: print one line each instead of the default report with its backtrace.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|info| println!("    expected panic: {info}")));
+    let published = workload.publish(connection.bus.clone()).await;
+    let complete = recorder.wait_for(workload.total(), DELIVERY_DEADLINE).await;
+    std::panic::set_hook(default_hook);
+    subscription.close().await;
+    let tally = recorder.tally(workload.total());
+    figures(
+        backend,
+        SUITE,
+        "panicking-handler-retried",
+        format_args!(
+            "messages={} panics={} {tally}",
+            workload.total(),
+            panicked.load(Ordering::SeqCst).min(4)
         ),
     );
     ensure!(
