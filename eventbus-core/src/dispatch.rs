@@ -64,8 +64,18 @@ impl Message {
 /// Acknowledges one message to its broker.
 #[async_trait]
 pub trait Acker: Send + Sync + 'static {
-    /// Tells the broker the message is done with. An error is logged; the broker will deliver it again.
+    /// Tells the broker the message was handled. An error is logged; the broker will deliver it again.
     async fn ack(self: Box<Self>) -> Result<()>;
+
+    /// Tells the broker the message was dead-lettered and must never be delivered again. Defaults to
+    /// [`ack`](Self::ack).
+    async fn terminate(self: Box<Self>) -> Result<()> {
+        self.ack().await
+    }
+
+    /// Tells the broker the message is still being worked on (before each retry), so a redelivery timer does
+    /// not fire while the message is retried in place. Defaults to nothing.
+    async fn in_progress(&self) {}
 }
 
 /// The acker of backends where taking a message from the source already settles it (the in-memory backend).
@@ -369,6 +379,9 @@ impl Worker {
                 _ = tokio::time::sleep(self.settings.retry.backoff(attempts)) => {}
                 _ = self.stop.cancelled() => return Outcome::Stopped,
             }
+            if let Some(item) = &held.item {
+                item.delivery.acker.in_progress().await;
+            }
         }
     }
 
@@ -405,7 +418,7 @@ impl Worker {
             bump(&self.shared.counters.dead_lettered);
         }
         let delivery = held.item.take().expect("a held delivery").delivery;
-        if let Err(error) = delivery.acker.ack().await {
+        if let Err(error) = delivery.acker.terminate().await {
             tracing::warn!(topic = %self.shared.topic, %error, "ack after dead-lettering failed");
         }
         Outcome::Settled

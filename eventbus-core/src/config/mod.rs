@@ -18,7 +18,15 @@
 //! # Ok::<(), serde_json::Error>(())
 //! ```
 
+mod nats;
+mod secret;
+
 use std::time::Duration;
+
+pub use nats::{
+    NatsAuth, NatsConfig, NatsStreamConfig, NatsTls, Provisioning, ReconnectConfig, RetentionKind, StorageKind,
+};
+pub use secret::Secret;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -54,6 +62,8 @@ pub struct BusConfig {
     pub close_timeout: Duration,
     /// Settings of the in-memory backend (used when `url` is `memory://`).
     pub memory: MemoryConfig,
+    /// Settings of the NATS JetStream backend (used when `url` is `nats://...`).
+    pub nats: NatsConfig,
 }
 
 impl Default for BusConfig {
@@ -67,6 +77,7 @@ impl Default for BusConfig {
             connect_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(10),
             memory: MemoryConfig::default(),
+            nats: NatsConfig::default(),
         }
     }
 }
@@ -111,6 +122,9 @@ impl BusConfig {
         self.retry.validate("retry")?;
         positive("connect_timeout", self.connect_timeout)?;
         positive("close_timeout", self.close_timeout)?;
+        if self.nats.partitions == 0 {
+            return Err(Error::Config("nats.partitions must be at least 1".into()));
+        }
         if self.dead_letter.enabled {
             validate_topic(&self.dead_letter.topic_for("topic")).map_err(|e| {
                 Error::Config(format!(
