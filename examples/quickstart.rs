@@ -16,19 +16,12 @@ use std::time::{Duration, Instant};
 use eventbus::{BusConfig, Envelope, EventBusExt, HandlerError, SubscribeOptions};
 
 const ORDERS: usize = 4;
-const STEPS: [&str; 4] = [
-    "OrderPlaced",
-    "PaymentCaptured",
-    "OrderPacked",
-    "OrderShipped",
-];
+const STEPS: [&str; 4] = ["OrderPlaced", "PaymentCaptured", "OrderPacked", "OrderShipped"];
 
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .init();
     match run().await {
         Ok(true) => ExitCode::SUCCESS,
@@ -41,9 +34,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run() -> eventbus::Result<bool> {
-    let url = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "memory://".to_owned());
+    let url = std::env::args().nth(1).unwrap_or_else(|| "memory://".to_owned());
     let mut config = BusConfig::from_url(&url);
     config.subscribe.concurrency = 4;
     let bus = eventbus::connect(&config).await?;
@@ -55,34 +46,28 @@ async fn run() -> eventbus::Result<bool> {
     let started = Instant::now();
     let subscription = {
         let (last_version, out_of_order) = (last_version.clone(), out_of_order.clone());
-        bus.subscribe_with(
-            "orders",
-            SubscribeOptions::group("fulfilment"),
-            move |event| {
-                let (last_version, out_of_order) = (last_version.clone(), out_of_order.clone());
-                async move {
-                    // Pretend to do some work, so orders overlap in time.
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    let mut last = last_version.lock().unwrap();
-                    let previous = last
-                        .insert(event.aggregate_id.clone(), event.event_version)
-                        .unwrap_or(0);
-                    let in_order = event.event_version == previous + 1;
-                    if !in_order {
-                        *out_of_order.lock().unwrap() += 1;
-                    }
-                    println!(
-                        "  {:>7.1} ms  consumed  {:<8} v{}  {:<16} {}",
-                        started.elapsed().as_secs_f64() * 1000.0,
-                        event.aggregate_id,
-                        event.event_version,
-                        event.event_type,
-                        if in_order { "in order" } else { "OUT OF ORDER" }
-                    );
-                    Ok::<(), HandlerError>(())
+        bus.subscribe_with("orders", SubscribeOptions::group("fulfilment"), move |event| {
+            let (last_version, out_of_order) = (last_version.clone(), out_of_order.clone());
+            async move {
+                // Pretend to do some work, so orders overlap in time.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let mut last = last_version.lock().unwrap();
+                let previous = last.insert(event.aggregate_id.clone(), event.event_version).unwrap_or(0);
+                let in_order = event.event_version == previous + 1;
+                if !in_order {
+                    *out_of_order.lock().unwrap() += 1;
                 }
-            },
-        )
+                println!(
+                    "  {:>7.1} ms  consumed  {:<8} v{}  {:<16} {}",
+                    started.elapsed().as_secs_f64() * 1000.0,
+                    event.aggregate_id,
+                    event.event_version,
+                    event.event_type,
+                    if in_order { "in order" } else { "OUT OF ORDER" }
+                );
+                Ok::<(), HandlerError>(())
+            }
+        })
         .await?
     };
 
@@ -102,10 +87,7 @@ async fn run() -> eventbus::Result<bool> {
     for receipt in receipts {
         receipt.await?;
     }
-    println!(
-        "  {:>7.1} ms  published {published} events, all acked",
-        started.elapsed().as_secs_f64() * 1000.0
-    );
+    println!("  {:>7.1} ms  published {published} events, all acked", started.elapsed().as_secs_f64() * 1000.0);
 
     // Wait until every event has been handled, at most five seconds.
     let deadline = Instant::now() + Duration::from_secs(5);

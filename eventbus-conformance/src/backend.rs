@@ -60,12 +60,7 @@ pub trait RawAccess: Send + Sync {
 
     /// Reads at least `count` messages of `topic` from its start, waiting at most `within`; returns what it
     /// read.
-    async fn read_raw(
-        &self,
-        topic: &str,
-        count: usize,
-        within: Duration,
-    ) -> anyhow::Result<Vec<WireMessage>>;
+    async fn read_raw(&self, topic: &str, count: usize, within: Duration) -> anyhow::Result<Vec<WireMessage>>;
 }
 
 /// Broker fault injection.

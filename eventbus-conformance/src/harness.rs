@@ -11,8 +11,7 @@ use crate::backend::Backend;
 use crate::suites;
 
 /// A suite: an async function over a backend.
-pub type Suite =
-    for<'a> fn(&'a dyn Backend) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'a>>;
+pub type Suite = for<'a> fn(&'a dyn Backend) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'a>>;
 
 /// Every suite, in the order they run.
 pub fn all_suites() -> Vec<(&'static str, Suite)> {
@@ -34,10 +33,7 @@ pub fn run(backend: Arc<dyn Backend>) -> ExitCode {
     let capabilities = backend.capabilities();
     println!("conformance: backend {}", backend.name());
     for (capability, reason) in &capabilities.notes {
-        println!(
-            "conformance: {} lacks {capability}: {reason}",
-            backend.name()
-        );
+        println!("conformance: {} lacks {capability}: {reason}", backend.name());
     }
     let trials = all_suites()
         .into_iter()
@@ -61,12 +57,7 @@ fn run_suite(backend: &dyn Backend, suite: Suite) -> Result<(), Failed> {
 }
 
 /// Prints one scenario's figures: `[backend] suite/scenario: figures`.
-pub fn figures(
-    backend: &dyn Backend,
-    suite: &str,
-    scenario: &str,
-    figures: impl std::fmt::Display,
-) {
+pub fn figures(backend: &dyn Backend, suite: &str, scenario: &str, figures: impl std::fmt::Display) {
     println!("[{}] {suite}/{scenario}: {figures}", backend.name());
 }
 

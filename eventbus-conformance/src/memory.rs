@@ -22,10 +22,7 @@ impl Backend for Memory {
         Capabilities {
             history: true,
             max_payload: BusConfig::default().memory.max_payload,
-            notes: vec![(
-                "unreachable_config",
-                "the in-process backend has no address to be unreachable".to_owned(),
-            )],
+            notes: vec![("unreachable_config", "the in-process backend has no address to be unreachable".to_owned())],
         }
     }
 
@@ -52,12 +49,7 @@ impl RawAccess for MemoryRaw {
         Ok(())
     }
 
-    async fn read_raw(
-        &self,
-        topic: &str,
-        count: usize,
-        within: Duration,
-    ) -> anyhow::Result<Vec<WireMessage>> {
+    async fn read_raw(&self, topic: &str, count: usize, within: Duration) -> anyhow::Result<Vec<WireMessage>> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let messages = self.0.read_raw(topic);

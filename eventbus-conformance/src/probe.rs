@@ -19,11 +19,7 @@ pub struct Resources {
 
 impl std::fmt::Display for Resources {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "tasks={} fds={} threads={}",
-            self.tasks, self.fds, self.threads
-        )
+        write!(f, "tasks={} fds={} threads={}", self.tasks, self.fds, self.threads)
     }
 }
 
@@ -39,11 +35,7 @@ pub fn resources() -> Resources {
         fds: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count()),
         threads: std::fs::read_to_string("/proc/self/status")
             .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("Threads:"))
-                    .and_then(|n| n.trim().parse().ok())
-            })
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|n| n.trim().parse().ok()))
             .unwrap_or(0),
     }
 }
@@ -100,11 +92,7 @@ impl PeakTasks {
                 }
             })
         };
-        Self {
-            peak,
-            stop,
-            sampler: Some(sampler),
-        }
+        Self { peak, stop, sampler: Some(sampler) }
     }
 
     /// Stops sampling and returns the peak.

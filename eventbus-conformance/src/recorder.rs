@@ -60,10 +60,7 @@ impl Recorder {
     pub fn record(&self, envelope: &Envelope) {
         let mut state = self.state.lock().unwrap();
         state.deliveries += 1;
-        let aggregate = state
-            .aggregates
-            .entry(envelope.aggregate_id.clone())
-            .or_default();
+        let aggregate = state.aggregates.entry(envelope.aggregate_id.clone()).or_default();
         let version = envelope.event_version;
         let (duplicate, violation) = if aggregate.seen.contains(&version) {
             (true, false)
@@ -96,11 +93,7 @@ impl Recorder {
     /// Versions received for `aggregate`, in arrival order (duplicates excluded).
     pub fn versions(&self, aggregate: &str) -> Vec<u64> {
         let state = self.state.lock().unwrap();
-        state
-            .aggregates
-            .get(aggregate)
-            .map(|a| a.seen.clone())
-            .unwrap_or_default()
+        state.aggregates.get(aggregate).map(|a| a.seen.clone()).unwrap_or_default()
     }
 
     /// The first out-of-order event, if any.

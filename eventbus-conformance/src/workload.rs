@@ -39,13 +39,7 @@ impl Workload {
     /// A workload named `name` (the run gets a unique suffix so topics never collide between runs).
     pub fn new(name: &str, aggregates: usize, versions: u64, topics: usize) -> Self {
         let run = unique(name);
-        Self {
-            topics: (0..topics).map(|t| format!("{run}.t{t}")).collect(),
-            aggregates,
-            versions,
-            payload: 200,
-            run,
-        }
+        Self { topics: (0..topics).map(|t| format!("{run}.t{t}")).collect(), aggregates, versions, payload: 200, run }
     }
 
     /// Events in the workload.
@@ -101,11 +95,7 @@ impl Workload {
         while let Some(result) = tasks.join_next().await {
             let failures = result.unwrap_or_else(|e| vec![format!("publisher task failed: {e}")]);
             stats.failed += failures.len();
-            stats.errors.extend(
-                failures
-                    .into_iter()
-                    .take(3usize.saturating_sub(stats.errors.len())),
-            );
+            stats.errors.extend(failures.into_iter().take(3usize.saturating_sub(stats.errors.len())));
         }
         stats.acked = self.total() - stats.failed;
         stats.elapsed = started.elapsed();
@@ -115,10 +105,7 @@ impl Workload {
 
 /// A name unique to this run: `prefix` plus random hex.
 pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}",
-        &uuid::Uuid::now_v7().simple().to_string()[20..]
-    )
+    format!("{prefix}-{}", &uuid::Uuid::now_v7().simple().to_string()[20..])
 }
 
 /// Subscribes a handler that records every event it receives into `recorder`.

@@ -48,11 +48,7 @@ pub trait EventBus: Send + Sync + 'static {
 
     /// Publishes several envelopes, pipelined, and returns one result per entry in the same order. An invalid
     /// entry fails alone; the others are still sent.
-    async fn publish_batch(
-        &self,
-        topic: &str,
-        envelopes: Vec<Envelope>,
-    ) -> Vec<Result<PublishAck>> {
+    async fn publish_batch(&self, topic: &str, envelopes: Vec<Envelope>) -> Vec<Result<PublishAck>> {
         let mut receipts = Vec::with_capacity(envelopes.len());
         for envelope in envelopes {
             receipts.push(self.publish(topic, envelope).await);
@@ -96,12 +92,7 @@ pub trait EventBus: Send + Sync + 'static {
 #[async_trait]
 pub trait EventBusExt: EventBus {
     /// [`EventBus::subscribe`] with an async closure as the handler.
-    async fn subscribe_with<F, Fut>(
-        &self,
-        topic: &str,
-        options: SubscribeOptions,
-        handler: F,
-    ) -> Result<Subscription>
+    async fn subscribe_with<F, Fut>(&self, topic: &str, options: SubscribeOptions, handler: F) -> Result<Subscription>
     where
         F: Fn(Envelope) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
@@ -147,18 +138,12 @@ pub struct HandlerError {
 impl HandlerError {
     /// A failure that may pass on a later attempt.
     pub fn transient(error: impl Into<BoxStdError>) -> Self {
-        Self {
-            permanent: false,
-            source: error.into(),
-        }
+        Self { permanent: false, source: error.into() }
     }
 
     /// A failure no retry can fix: the message is dead-lettered without further attempts.
     pub fn permanent(error: impl Into<BoxStdError>) -> Self {
-        Self {
-            permanent: true,
-            source: error.into(),
-        }
+        Self { permanent: true, source: error.into() }
     }
 
     /// Whether this failure skips the remaining attempts.
@@ -175,10 +160,7 @@ impl<E: Into<BoxStdError>> From<E> for HandlerError {
 
 impl std::fmt::Debug for HandlerError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HandlerError")
-            .field("permanent", &self.permanent)
-            .field("source", &self.source)
-            .finish()
+        f.debug_struct("HandlerError").field("permanent", &self.permanent).field("source", &self.source).finish()
     }
 }
 
@@ -208,13 +190,7 @@ pub struct SubscribeOptions {
 impl SubscribeOptions {
     /// Options for a subscription in consumer group `group`.
     pub fn group(group: impl Into<String>) -> Self {
-        Self {
-            group: group.into(),
-            concurrency: None,
-            max_in_flight: None,
-            handler_timeout: None,
-            retry: None,
-        }
+        Self { group: group.into(), concurrency: None, max_in_flight: None, handler_timeout: None, retry: None }
     }
 
     /// Sets how many handler calls may run at once.
@@ -261,13 +237,7 @@ pub struct PublishAck {
 impl PublishAck {
     /// An ack for `event_id` in `topic`.
     pub fn new(event_id: EventId, topic: impl Into<String>) -> Self {
-        Self {
-            event_id,
-            topic: topic.into(),
-            sequence: None,
-            partition: None,
-            duplicate: false,
-        }
+        Self { event_id, topic: topic.into(), sequence: None, partition: None, duplicate: false }
     }
 
     /// Sets the position.
@@ -308,20 +278,11 @@ enum ReceiptState {
 
 impl PublishReceipt {
     pub(crate) fn settled(event_id: EventId, result: Result<PublishAck>) -> Self {
-        Self {
-            event_id,
-            state: ReceiptState::Settled(Some(result)),
-        }
+        Self { event_id, state: ReceiptState::Settled(Some(result)) }
     }
 
-    pub(crate) fn pending(
-        event_id: EventId,
-        receiver: oneshot::Receiver<Result<PublishAck>>,
-    ) -> Self {
-        Self {
-            event_id,
-            state: ReceiptState::Pending(receiver),
-        }
+    pub(crate) fn pending(event_id: EventId, receiver: oneshot::Receiver<Result<PublishAck>>) -> Self {
+        Self { event_id, state: ReceiptState::Pending(receiver) }
     }
 
     /// The id of the event this receipt is for.
@@ -335,13 +296,11 @@ impl Future for PublishReceipt {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.state {
-            ReceiptState::Settled(result) => {
-                Poll::Ready(result.take().unwrap_or(Err(Error::Closed)))
-            }
+            ReceiptState::Settled(result) => Poll::Ready(result.take().unwrap_or(Err(Error::Closed))),
             // The sender only disappears without a value when the bus was dropped without close().
-            ReceiptState::Pending(receiver) => Pin::new(receiver)
-                .poll(cx)
-                .map(|r| r.unwrap_or(Err(Error::ClosedBeforeAck))),
+            ReceiptState::Pending(receiver) => {
+                Pin::new(receiver).poll(cx).map(|r| r.unwrap_or(Err(Error::ClosedBeforeAck)))
+            }
         }
     }
 }
@@ -406,11 +365,7 @@ pub struct Health {
 impl Health {
     /// A health report in `state` since now.
     pub fn new(state: ConnectionState) -> Self {
-        Self {
-            state,
-            since: SystemTime::now(),
-            last_error: None,
-        }
+        Self { state, since: SystemTime::now(), last_error: None }
     }
 }
 

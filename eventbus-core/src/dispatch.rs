@@ -160,11 +160,7 @@ impl Dispatcher {
             return;
         };
         let key = delivery.message.key();
-        let queued = Queued {
-            delivery,
-            attempts: 0,
-            _permit: permit,
-        };
+        let queued = Queued { delivery, attempts: 0, _permit: permit };
         // A key has a queue exactly while it is scheduled: waiting in the ready channel or held by a worker.
         // Only a key without one is sent to the ready channel, so no two workers ever hold the same key.
         let newly_ready = match lock(&self.shared.queues).entry(key.clone()) {
@@ -222,9 +218,7 @@ fn panic_message(panic: &(dyn Any + Send)) -> &str {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The queues stay consistent even if a holder panicked: every critical section is a single push or pop.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 struct Worker {
@@ -286,27 +280,17 @@ impl Worker {
                     Err(_) => return,
                 },
             };
-            let item = lock(&self.shared.queues)
-                .get_mut(&key)
-                .and_then(VecDeque::pop_front);
+            let item = lock(&self.shared.queues).get_mut(&key).and_then(VecDeque::pop_front);
             // Dropping `held` settles the key's schedule: back to the ready channel if deliveries remain,
             // otherwise its queue is removed.
-            let mut held = Held {
-                shared: &self.shared,
-                key,
-                item,
-                abandoned: &self.abandoned,
-            };
+            let mut held = Held { shared: &self.shared, key, item, abandoned: &self.abandoned };
             if held.item.is_none() {
                 continue;
             }
             if self.stop.is_cancelled() {
                 // Stopped between taking the key and starting: hand the delivery back untouched.
                 let item = held.item.take();
-                lock(&self.shared.queues)
-                    .entry(held.key.clone())
-                    .or_default()
-                    .push_front(item.expect("held"));
+                lock(&self.shared.queues).entry(held.key.clone()).or_default().push_front(item.expect("held"));
                 return;
             }
             // A settled delivery has left `held`; a stopped one goes back to its queue when `held` drops.
@@ -316,13 +300,7 @@ impl Worker {
 
     async fn process(&self, held: &mut Held<'_>) -> Outcome {
         let counters = &self.shared.counters;
-        let envelope = match &held
-            .item
-            .as_ref()
-            .expect("a held delivery")
-            .delivery
-            .message
-        {
+        let envelope = match &held.item.as_ref().expect("a held delivery").delivery.message {
             Message::Event(envelope) => envelope.clone(),
             Message::Undecodable { wire, error } => {
                 bump(&counters.undecodable);
@@ -362,10 +340,7 @@ impl Worker {
                     }
                     Err(error) => format!("handler error: {error}"),
                 },
-                Err(_) => format!(
-                    "handler timed out after {:?}",
-                    self.settings.handler_timeout
-                ),
+                Err(_) => format!("handler timed out after {:?}", self.settings.handler_timeout),
             };
             bump(&counters.handler_failures);
             if attempts >= self.settings.retry.max_attempts {
@@ -402,12 +377,7 @@ impl Worker {
             wire.set_header(wire::DEAD_LETTER_TOPIC, self.shared.topic.as_str());
             let mut attempt = 0;
             // The original is acked only once the dead-letter copy is stored, so nothing is lost.
-            while let Err(error) = self
-                .shared
-                .dead_letters
-                .dead_letter(topic, wire.clone())
-                .await
-            {
+            while let Err(error) = self.shared.dead_letters.dead_letter(topic, wire.clone()).await {
                 attempt += 1;
                 tracing::warn!(%topic, %error, "dead-letter publish failed; retrying");
                 tokio::select! {
@@ -442,15 +412,8 @@ mod tests {
     }
 
     fn delivery(aggregate: &str, version: u64) -> Delivery {
-        let envelope = Envelope::builder(aggregate, "T")
-            .version(version)
-            .payload("p")
-            .build()
-            .unwrap();
-        Delivery {
-            message: Message::Event(Arc::new(envelope)),
-            acker: Box::new(NoAck),
-        }
+        let envelope = Envelope::builder(aggregate, "T").version(version).payload("p").build().unwrap();
+        Delivery { message: Message::Event(Arc::new(envelope)), acker: Box::new(NoAck) }
     }
 
     /// A delivery dispatched while an earlier one of its key is being handled waits for it, even when the
@@ -465,11 +428,7 @@ mod tests {
             move |event: Envelope| {
                 let (running, order) = (running.clone(), order.clone());
                 async move {
-                    assert_eq!(
-                        running.fetch_add(1, Ordering::SeqCst),
-                        0,
-                        "two handlers ran for one key"
-                    );
+                    assert_eq!(running.fetch_add(1, Ordering::SeqCst), 0, "two handlers ran for one key");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     order.lock().unwrap().push(event.event_version);
                     running.fetch_sub(1, Ordering::SeqCst);
@@ -485,13 +444,7 @@ mod tests {
         };
         let mut tasks = JoinSet::new();
         let stop = CancellationToken::new();
-        dispatcher.spawn_workers(
-            &mut tasks,
-            Arc::new(handler),
-            settings,
-            stop.clone(),
-            Arc::default(),
-        );
+        dispatcher.spawn_workers(&mut tasks, Arc::new(handler), settings, stop.clone(), Arc::default());
         for version in 1..=5 {
             dispatcher.dispatch(delivery("a", version)).await;
             // Let a worker take the delivery so the key's queue is empty when the next one arrives.

@@ -88,7 +88,9 @@ pub enum Error {
     },
 
     /// The broker's topic or stream differs from the configuration, and provisioning may not change it.
-    #[error("{what} does not match the configuration: {detail}. Change the configuration or let provisioning update it")]
+    #[error(
+        "{what} does not match the configuration: {detail}. Change the configuration or let provisioning update it"
+    )]
     Mismatch {
         /// The broker object, such as `stream orders`.
         what: String,
@@ -116,24 +118,12 @@ pub enum Error {
 
 impl Error {
     /// A broker error from a message and its source.
-    pub fn broker(
-        message: impl Into<String>,
-        source: impl std::error::Error + Send + Sync + 'static,
-    ) -> Self {
-        Self::Broker {
-            message: message.into(),
-            source: Some(Arc::new(source)),
-        }
+    pub fn broker(message: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Broker { message: message.into(), source: Some(Arc::new(source)) }
     }
 
     /// Whether retrying the same call later may succeed (timeouts, backpressure, broker outages).
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            Self::Backpressure { .. }
-                | Self::AckTimeout(_)
-                | Self::Connect { .. }
-                | Self::Broker { .. }
-        )
+        matches!(self, Self::Backpressure { .. } | Self::AckTimeout(_) | Self::Connect { .. } | Self::Broker { .. })
     }
 }

@@ -69,20 +69,13 @@ impl PublishWindow {
         let finished = CancellationToken::new();
         let (results, results_receiver) = if config.report_results {
             let (tx, rx) = mpsc::channel(config.window);
-            let stream = PublishResults {
-                receiver: rx,
-                finished: finished.clone(),
-            };
+            let stream = PublishResults { receiver: rx, finished: finished.clone() };
             (Some(tx), Some(stream))
         } else {
             (None, None)
         };
         let give_up = CancellationToken::new();
-        let collector = Collector {
-            receiver,
-            results: results.clone(),
-            counters: counters.clone(),
-        };
+        let collector = Collector { receiver, results: results.clone(), counters: counters.clone() };
         let collector = tokio::spawn(collector.run(give_up.clone()));
         Self {
             slots: Arc::new(Semaphore::new(config.window)),
@@ -108,20 +101,11 @@ impl PublishWindow {
         }
         let permit = match self.slots.clone().try_acquire_owned() {
             Ok(permit) => permit,
-            Err(_) => {
-                match tokio::time::timeout(self.enqueue_timeout, self.slots.clone().acquire_owned())
-                    .await
-                {
-                    Ok(Ok(permit)) => permit,
-                    Ok(Err(_)) => return Err(Error::Closed),
-                    Err(_) => {
-                        return Err(Error::Backpressure {
-                            window: self.size,
-                            waited: self.enqueue_timeout,
-                        })
-                    }
-                }
-            }
+            Err(_) => match tokio::time::timeout(self.enqueue_timeout, self.slots.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => permit,
+                Ok(Err(_)) => return Err(Error::Closed),
+                Err(_) => return Err(Error::Backpressure { window: self.size, waited: self.enqueue_timeout }),
+            },
         };
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
@@ -154,13 +138,7 @@ impl PublishWindow {
             return PublishReceipt::settled(event_id, result);
         }
         let (reply, receiver) = oneshot::channel();
-        let pending = Pending {
-            event_id,
-            topic: topic.clone(),
-            aggregate_id,
-            reply,
-            _slot: slot,
-        };
+        let pending = Pending { event_id, topic: topic.clone(), aggregate_id, reply, _slot: slot };
         let ack_timeout = self.ack_timeout;
         let ack = tokio::time::timeout(ack_timeout, ack)
             .map(move |r| r.unwrap_or(Err(Error::AckTimeout(ack_timeout))))
@@ -195,8 +173,7 @@ impl PublishWindow {
             return Vec::new();
         };
         // Every slot back means every accepted publish has settled.
-        let all_settled =
-            tokio::time::timeout_at(deadline, self.slots.acquire_many(self.size as u32)).await;
+        let all_settled = tokio::time::timeout_at(deadline, self.slots.acquire_many(self.size as u32)).await;
         if let Ok(Ok(permits)) = all_settled {
             permits.forget();
         }
@@ -258,18 +235,12 @@ impl Collector {
         }
         let ids = abandoned.iter().map(|p| p.event_id).collect();
         for pending in abandoned {
-            self.settle(pending, Err(Error::ClosedBeforeAck), &give_up)
-                .await;
+            self.settle(pending, Err(Error::ClosedBeforeAck), &give_up).await;
         }
         ids
     }
 
-    async fn settle(
-        &self,
-        pending: Pending,
-        result: Result<PublishAck>,
-        give_up: &CancellationToken,
-    ) {
+    async fn settle(&self, pending: Pending, result: Result<PublishAck>, give_up: &CancellationToken) {
         record(&self.counters, &result);
         if let (Some(results), Some(aggregate_id)) = (&self.results, pending.aggregate_id) {
             tokio::select! {
@@ -296,12 +267,7 @@ async fn report(
     aggregate_id: String,
     outcome: &Result<PublishAck>,
 ) {
-    let result = PublishResult {
-        event_id,
-        topic: topic.to_owned(),
-        aggregate_id,
-        outcome: outcome.clone(),
-    };
+    let result = PublishResult { event_id, topic: topic.to_owned(), aggregate_id, outcome: outcome.clone() };
     // A closed receiver means nobody reads the stream any more; the receipt still carries the outcome.
     let _ = results.send(result).await;
 }

@@ -44,12 +44,10 @@ pub mod metrics;
 pub mod subscription;
 
 pub use bus::{
-    CloseReport, ConnectionState, EventBus, EventBusExt, Handler, HandlerError, Health, Metrics,
-    PublishAck, PublishReceipt, PublishResult, PublishResults, SubscribeOptions,
+    CloseReport, ConnectionState, EventBus, EventBusExt, Handler, HandlerError, Health, Metrics, PublishAck,
+    PublishReceipt, PublishResult, PublishResults, SubscribeOptions,
 };
-pub use config::{
-    BusConfig, DeadLetterConfig, MemoryConfig, PublishConfig, RetryPolicy, SubscribeConfig,
-};
+pub use config::{BusConfig, DeadLetterConfig, MemoryConfig, PublishConfig, RetryPolicy, SubscribeConfig};
 pub use envelope::wire::{self, DecodeError, WireMessage};
 pub use envelope::{validate_topic, Envelope, EnvelopeBuilder, EventId, ValidationError};
 pub use error::{Error, Result};

@@ -18,8 +18,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{
-    CloseReport, ConnectionState, EventBus, Handler, Health, Metrics, PublishAck, PublishReceipt,
-    PublishResults, SubscribeOptions,
+    CloseReport, ConnectionState, EventBus, Handler, Health, Metrics, PublishAck, PublishReceipt, PublishResults,
+    SubscribeOptions,
 };
 use crate::config::BusConfig;
 use crate::dispatch::{DeadLetterSink, Delivery, Dispatcher, Message, NoAck, WorkerSettings};
@@ -117,9 +117,7 @@ struct Fetcher {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl MemoryBus {
@@ -127,10 +125,7 @@ impl MemoryBus {
     pub fn new(config: BusConfig) -> Result<Self> {
         config.validate()?;
         if config.scheme() != "memory" {
-            return Err(Error::Config(format!(
-                "MemoryBus needs a memory:// url, got {:?}",
-                config.url
-            )));
+            return Err(Error::Config(format!("MemoryBus needs a memory:// url, got {:?}", config.url)));
         }
         let counters = Arc::new(Counters::default());
         let window = PublishWindow::new(&config.publish, counters.clone());
@@ -158,10 +153,7 @@ impl MemoryBus {
     pub fn publish_raw(&self, topic: &str, message: WireMessage) -> Result<u64> {
         validate_topic(topic)?;
         self.inner.ensure_open()?;
-        Ok(self
-            .inner
-            .topic(topic)
-            .append(Stored::Raw(Arc::new(message)), &self.inner.config))
+        Ok(self.inner.topic(topic).append(Stored::Raw(Arc::new(message)), &self.inner.config))
     }
 
     /// Simulates a broker outage, for tests of code that must survive one: until [`resume`](Self::resume),
@@ -194,8 +186,7 @@ impl MemoryBus {
             outage.delivery.send_replace(false);
             if !self.inner.closed.load(Ordering::Acquire) {
                 let mut health = Health::new(ConnectionState::Connected);
-                health.last_error =
-                    Some("broker unreachable (paused by MemoryBus::pause)".to_owned());
+                health.last_error = Some("broker unreachable (paused by MemoryBus::pause)".to_owned());
                 *lock(&self.inner.health) = health;
             }
         }
@@ -236,11 +227,7 @@ impl Inner {
         match lock(&self.outage.held).as_mut() {
             Some(held) => {
                 let (stored_at, receiver) = tokio::sync::oneshot::channel();
-                held.push_back(HeldPublish {
-                    topic: topic.clone(),
-                    stored,
-                    stored_at,
-                });
+                held.push_back(HeldPublish { topic: topic.clone(), stored, stored_at });
                 Ok(receiver)
             }
             None => Err(stored),
@@ -277,8 +264,7 @@ impl Topic {
             let offset = log.base + log.entries.len() as u64;
             log.entries.push_back(stored);
             log.appends_since_trim += 1;
-            let trim =
-                log.appends_since_trim >= TRIM_EVERY && log.entries.len() > config.memory.history;
+            let trim = log.appends_since_trim >= TRIM_EVERY && log.entries.len() > config.memory.history;
             (offset, trim)
         };
         self.end.send_replace(offset + 1);
@@ -290,11 +276,7 @@ impl Topic {
 
     /// Drops entries every group has read, beyond the `history` most recent ones.
     fn trim(&self, history: usize) {
-        let slowest = lock(&self.groups)
-            .values()
-            .map(|g| g.cursor.load(Ordering::Acquire))
-            .min()
-            .unwrap_or(u64::MAX);
+        let slowest = lock(&self.groups).values().map(|g| g.cursor.load(Ordering::Acquire)).min().unwrap_or(u64::MAX);
         let mut log = lock(&self.log);
         log.appends_since_trim = 0;
         let end = log.base + log.entries.len() as u64;
@@ -334,18 +316,10 @@ impl Group {
             // task ever moves this group's cursor.
             let previous = fetcher.task.take();
             fetcher.stop = CancellationToken::new();
-            let task = fetch(
-                topic.clone(),
-                self.clone(),
-                fetcher.stop.clone(),
-                paused,
-                previous,
-            );
+            let task = fetch(topic.clone(), self.clone(), fetcher.stop.clone(), paused, previous);
             fetcher.task = Some(tokio::spawn(task));
         }
-        Membership {
-            group: self.clone(),
-        }
+        Membership { group: self.clone() }
     }
 
     /// Stops the fetch task and waits for it, at most until `deadline`.
@@ -427,16 +401,10 @@ async fn fetch(
                 Stored::Event(envelope) => Message::Event(envelope),
                 Stored::Raw(wire) => match wire.decode() {
                     Ok(envelope) => Message::Event(Arc::new(envelope)),
-                    Err(error) => Message::Undecodable {
-                        wire: (*wire).clone(),
-                        error,
-                    },
+                    Err(error) => Message::Undecodable { wire: (*wire).clone(), error },
                 },
             };
-            let delivery = Delivery {
-                message,
-                acker: Box::new(NoAck),
-            };
+            let delivery = Delivery { message, acker: Box::new(NoAck) };
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
@@ -454,9 +422,7 @@ struct MemoryDeadLetters(Weak<Inner>);
 impl DeadLetterSink for MemoryDeadLetters {
     async fn dead_letter(&self, topic: &str, message: WireMessage) -> Result<()> {
         let inner = self.0.upgrade().ok_or(Error::Closed)?;
-        inner
-            .topic(topic)
-            .append(Stored::Raw(Arc::new(message)), &inner.config);
+        inner.topic(topic).append(Stored::Raw(Arc::new(message)), &inner.config);
         Ok(())
     }
 }
@@ -500,23 +466,14 @@ impl EventBus for MemoryBus {
         let receipt = match inner.hold_if_paused(&topic, stored) {
             Ok(stored_at) => {
                 let ack = async move {
-                    stored_at
-                        .await
-                        .map(|offset| ack.with_sequence(offset))
-                        .map_err(|_| Error::ClosedBeforeAck)
+                    stored_at.await.map(|offset| ack.with_sequence(offset)).map_err(|_| Error::ClosedBeforeAck)
                 };
-                inner
-                    .window
-                    .submit(slot, &topic.name, event_id, &aggregate_id, ack)
-                    .await
+                inner.window.submit(slot, &topic.name, event_id, &aggregate_id, ack).await
             }
             Err(stored) => {
                 let offset = topic.append(stored, &inner.config);
                 let ack = std::future::ready(Ok(ack.with_sequence(offset)));
-                inner
-                    .window
-                    .submit(slot, &topic.name, event_id, &aggregate_id, ack)
-                    .await
+                inner.window.submit(slot, &topic.name, event_id, &aggregate_id, ack).await
             }
         };
         Ok(receipt)
@@ -533,25 +490,12 @@ impl EventBus for MemoryBus {
         inner.ensure_open()?;
         let config = &inner.config;
         let settings = WorkerSettings {
-            concurrency: options
-                .concurrency
-                .unwrap_or(config.subscribe.concurrency)
-                .max(1),
-            handler_timeout: options
-                .handler_timeout
-                .unwrap_or(config.subscribe.handler_timeout),
-            retry: options
-                .retry
-                .clone()
-                .unwrap_or_else(|| config.retry.clone()),
-            dead_letter_topic: config
-                .dead_letter
-                .enabled
-                .then(|| config.dead_letter.topic_for(topic)),
+            concurrency: options.concurrency.unwrap_or(config.subscribe.concurrency).max(1),
+            handler_timeout: options.handler_timeout.unwrap_or(config.subscribe.handler_timeout),
+            retry: options.retry.clone().unwrap_or_else(|| config.retry.clone()),
+            dead_letter_topic: config.dead_letter.enabled.then(|| config.dead_letter.topic_for(topic)),
         };
-        let capacity = options
-            .max_in_flight
-            .unwrap_or(config.subscribe.max_in_flight);
+        let capacity = options.max_in_flight.unwrap_or(config.subscribe.max_in_flight);
         let topic = inner.topic(topic);
         let group = topic.group(&options.group, || {
             let sink = Arc::new(MemoryDeadLetters(Arc::downgrade(inner)));
@@ -566,11 +510,7 @@ impl EventBus for MemoryBus {
             stop.clone(),
             abandoned.clone(),
         );
-        control.with_tasks(|tasks| {
-            group
-                .dispatcher
-                .spawn_workers(tasks, handler, settings, stop, abandoned)
-        });
+        control.with_tasks(|tasks| group.dispatcher.spawn_workers(tasks, handler, settings, stop, abandoned));
         control.hold(group.join(&topic, inner.outage.delivery.subscribe()));
         Ok(inner.subscriptions.register(control))
     }
@@ -585,9 +525,7 @@ impl EventBus for MemoryBus {
 
     fn metrics(&self) -> Metrics {
         let inner = &self.inner;
-        inner
-            .counters
-            .snapshot(inner.window.in_flight(), inner.subscriptions.live() as u64)
+        inner.counters.snapshot(inner.window.in_flight(), inner.subscriptions.live() as u64)
     }
 
     async fn close(&self) -> CloseReport {
@@ -599,10 +537,8 @@ impl EventBus for MemoryBus {
         let started = Instant::now();
         let deadline = started + inner.config.close_timeout;
         inner.closed.store(true, Ordering::Release);
-        let (unacked, subscriptions) = tokio::join!(
-            inner.window.close(deadline),
-            inner.subscriptions.close_all(deadline)
-        );
+        let (unacked, subscriptions) =
+            tokio::join!(inner.window.close(deadline), inner.subscriptions.close_all(deadline));
         for group in inner.all_groups() {
             group.stop_fetching(deadline).await;
         }

@@ -31,10 +31,7 @@ impl std::fmt::Debug for Subscription {
 impl Subscription {
     /// Wraps a control registered with the bus.
     pub fn new(control: Arc<SubscriptionControl>) -> Self {
-        Self {
-            control,
-            detached: false,
-        }
+        Self { control, detached: false }
     }
 
     /// The topic consumed.
@@ -145,10 +142,8 @@ impl SubscriptionControl {
         let tasks = lock(&self.tasks).take();
         let mut timed_out = false;
         if let Some(mut tasks) = tasks {
-            let finished = tokio::time::timeout_at(deadline, async {
-                while tasks.join_next().await.is_some() {}
-            })
-            .await;
+            let finished =
+                tokio::time::timeout_at(deadline, async { while tasks.join_next().await.is_some() {} }).await;
             if finished.is_err() {
                 timed_out = true;
                 tasks.abort_all();
@@ -156,10 +151,7 @@ impl SubscriptionControl {
             }
         }
         drop(lock(&self.resources).take());
-        let report = SubscriptionReport {
-            abandoned: self.abandoned.load(Ordering::Relaxed),
-            timed_out,
-        };
+        let report = SubscriptionReport { abandoned: self.abandoned.load(Ordering::Relaxed), timed_out };
         *closed = Some(report);
         report
     }
@@ -173,9 +165,7 @@ impl SubscriptionControl {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The subscriptions of one bus, so `close()` can close them all and dropping the bus aborts them all.
@@ -196,23 +186,17 @@ impl SubscriptionRegistry {
 
     /// Subscriptions not yet closed.
     pub fn live(&self) -> usize {
-        lock(&self.controls)
-            .iter()
-            .filter(|c| !c.is_closed())
-            .count()
+        lock(&self.controls).iter().filter(|c| !c.is_closed()).count()
     }
 
     /// Closes every subscription concurrently, all by `deadline`; returns the summed report.
     pub async fn close_all(&self, deadline: Instant) -> SubscriptionReport {
         let controls = std::mem::take(&mut *lock(&self.controls));
-        let reports =
-            futures_util::future::join_all(controls.iter().map(|c| c.close(deadline))).await;
-        reports
-            .into_iter()
-            .fold(SubscriptionReport::default(), |sum, r| SubscriptionReport {
-                abandoned: sum.abandoned + r.abandoned,
-                timed_out: sum.timed_out || r.timed_out,
-            })
+        let reports = futures_util::future::join_all(controls.iter().map(|c| c.close(deadline))).await;
+        reports.into_iter().fold(SubscriptionReport::default(), |sum, r| SubscriptionReport {
+            abandoned: sum.abandoned + r.abandoned,
+            timed_out: sum.timed_out || r.timed_out,
+        })
     }
 
     /// Aborts every subscription at once (used when a bus is dropped without close).

@@ -46,10 +46,9 @@ pub async fn connect(config: &BusConfig) -> Result<Bus> {
         "memory" => Ok(Arc::new(MemoryBus::new(config.clone())?)),
         scheme => Err(Error::UnsupportedBackend {
             scheme: scheme.to_owned(),
-            reason:
-                "this build includes only the memory backend; the broker backends come with the \
+            reason: "this build includes only the memory backend; the broker backends come with the \
                      `nats` and `kafka` features"
-                    .to_owned(),
+                .to_owned(),
         }),
     }
 }

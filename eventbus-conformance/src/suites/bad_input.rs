@@ -26,11 +26,7 @@ pub async fn run(backend: &dyn Backend) -> anyhow::Result<()> {
 }
 
 fn valid(aggregate: &str, version: u64) -> Envelope {
-    Envelope::builder(aggregate, "Checked")
-        .version(version)
-        .payload("ok")
-        .build()
-        .expect("valid")
+    Envelope::builder(aggregate, "Checked").version(version).payload("ok").build().expect("valid")
 }
 
 async fn invalid_envelopes_and_topics(backend: &dyn Backend) -> anyhow::Result<()> {
@@ -38,18 +34,13 @@ async fn invalid_envelopes_and_topics(backend: &dyn Backend) -> anyhow::Result<(
     let bus = &*connection.bus;
     let topic = unique("bad-input");
     let recorder = Arc::new(Recorder::default());
-    let subscription =
-        record_into(bus, &topic, SubscribeOptions::group("g"), recorder.clone()).await?;
+    let subscription = record_into(bus, &topic, SubscribeOptions::group("g"), recorder.clone()).await?;
     bus.publish(&topic, valid("good", 1)).await?.await?;
 
     type Breaker = fn(&mut Envelope);
     type Expected = fn(&ValidationError) -> bool;
     let cases: [(&str, Breaker, Expected); 8] = [
-        (
-            "empty aggregate_id",
-            |e| e.aggregate_id.clear(),
-            |v| matches!(v, ValidationError::EmptyAggregateId),
-        ),
+        ("empty aggregate_id", |e| e.aggregate_id.clear(), |v| matches!(v, ValidationError::EmptyAggregateId)),
         (
             "aggregate_id of 257 bytes",
             |e| e.aggregate_id = "a".repeat(257),
@@ -58,38 +49,16 @@ async fn invalid_envelopes_and_topics(backend: &dyn Backend) -> anyhow::Result<(
         (
             "aggregate_id with a space",
             |e| e.aggregate_id = "order 1".into(),
-            |v| {
-                matches!(
-                    v,
-                    ValidationError::AggregateIdCharacter { character: ' ', .. }
-                )
-            },
+            |v| matches!(v, ValidationError::AggregateIdCharacter { character: ' ', .. }),
         ),
         (
             "aggregate_id with a NATS wildcard",
             |e| e.aggregate_id = "order.*".into(),
-            |v| {
-                matches!(
-                    v,
-                    ValidationError::AggregateIdCharacter { character: '*', .. }
-                )
-            },
+            |v| matches!(v, ValidationError::AggregateIdCharacter { character: '*', .. }),
         ),
-        (
-            "empty event_type",
-            |e| e.event_type.clear(),
-            |v| matches!(v, ValidationError::EmptyEventType),
-        ),
-        (
-            "event_version 0",
-            |e| e.event_version = 0,
-            |v| matches!(v, ValidationError::ZeroVersion),
-        ),
-        (
-            "empty payload",
-            |e| e.payload = Default::default(),
-            |v| matches!(v, ValidationError::EmptyPayload),
-        ),
+        ("empty event_type", |e| e.event_type.clear(), |v| matches!(v, ValidationError::EmptyEventType)),
+        ("event_version 0", |e| e.event_version = 0, |v| matches!(v, ValidationError::ZeroVersion)),
+        ("empty payload", |e| e.payload = Default::default(), |v| matches!(v, ValidationError::EmptyPayload)),
         (
             "reserved header",
             |e| {
@@ -114,14 +83,9 @@ async fn invalid_envelopes_and_topics(backend: &dyn Backend) -> anyhow::Result<(
             Err(Error::Invalid(ValidationError::InvalidTopic { .. })) => {}
             other => bail!("publish to topic {bad:?}: expected InvalidTopic, got {other:?}"),
         }
-        let subscribed = bus
-            .subscribe_with(bad, SubscribeOptions::group("g"), |_| async { Ok(()) })
-            .await;
+        let subscribed = bus.subscribe_with(bad, SubscribeOptions::group("g"), |_| async { Ok(()) }).await;
         ensure!(
-            matches!(
-                subscribed,
-                Err(Error::Invalid(ValidationError::InvalidTopic { .. }))
-            ),
+            matches!(subscribed, Err(Error::Invalid(ValidationError::InvalidTopic { .. }))),
             "subscribe to topic {bad:?}: expected InvalidTopic"
         );
     }
@@ -151,18 +115,9 @@ async fn invalid_envelopes_and_topics(backend: &dyn Backend) -> anyhow::Result<(
         println!("    {message}");
     }
     ensure!(sent_by_rejects == 0, "a rejected publish was sent");
-    ensure!(
-        complete && recorder.versions("good") == [1, 2],
-        "accepted events around the rejects were not delivered"
-    );
-    ensure!(
-        recorder.versions("bad").is_empty(),
-        "a rejected event was delivered"
-    );
-    ensure!(
-        stored.is_none_or(|n| n == 2),
-        "the topic holds {stored:?} messages, expected the 2 valid ones"
-    );
+    ensure!(complete && recorder.versions("good") == [1, 2], "accepted events around the rejects were not delivered");
+    ensure!(recorder.versions("bad").is_empty(), "a rejected event was delivered");
+    ensure!(stored.is_none_or(|n| n == 2), "the topic holds {stored:?} messages, expected the 2 valid ones");
     Ok(())
 }
 
@@ -186,18 +141,11 @@ async fn payload_limit(backend: &dyn Backend) -> anyhow::Result<()> {
     let near = Envelope::builder("big", "Large").payload(near).build()?;
     bus.publish(&topic, near.clone()).await?.await?;
     let received = tokio::time::timeout(DELIVERY_DEADLINE, rx.recv()).await?;
-    let oversize = Envelope::builder("big", "Large")
-        .version(2)
-        .payload(vec![7u8; limit + 1])
-        .build()?;
+    let oversize = Envelope::builder("big", "Large").version(2).payload(vec![7u8; limit + 1]).build()?;
     let rejected = bus.publish(&topic, oversize).await;
     subscription.close().await;
     connection.bus.close().await;
-    let message = rejected
-        .as_ref()
-        .err()
-        .map(ToString::to_string)
-        .unwrap_or_default();
+    let message = rejected.as_ref().err().map(ToString::to_string).unwrap_or_default();
     figures(
         backend,
         SUITE,
@@ -209,16 +157,9 @@ async fn payload_limit(backend: &dyn Backend) -> anyhow::Result<()> {
             message
         ),
     );
-    ensure!(
-        received.as_ref() == Some(&near),
-        "a payload near the limit did not arrive intact"
-    );
+    ensure!(received.as_ref() == Some(&near), "a payload near the limit did not arrive intact");
     match rejected {
-        Err(Error::PayloadTooLarge { limit: l, .. })
-            if l == limit && message.contains(&limit.to_string()) =>
-        {
-            Ok(())
-        }
+        Err(Error::PayloadTooLarge { limit: l, .. }) if l == limit && message.contains(&limit.to_string()) => Ok(()),
         other => bail!("expected PayloadTooLarge naming {limit}, got {other:?}"),
     }
 }
@@ -227,17 +168,8 @@ async fn invalid_config(backend: &dyn Backend) -> anyhow::Result<()> {
     let mut config = backend.config();
     config.publish.window = 0;
     let outcome = backend.connect(config).await;
-    let message = outcome
-        .as_ref()
-        .err()
-        .map(ToString::to_string)
-        .unwrap_or_default();
-    figures(
-        backend,
-        SUITE,
-        "invalid-config",
-        format_args!("error={message:?}"),
-    );
+    let message = outcome.as_ref().err().map(ToString::to_string).unwrap_or_default();
+    figures(backend, SUITE, "invalid-config", format_args!("error={message:?}"));
     ensure!(
         matches!(outcome, Err(Error::Config(_))) && message.contains("publish.window"),
         "expected a config error naming publish.window"

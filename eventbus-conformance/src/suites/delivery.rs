@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, ensure, Context};
-use eventbus::{
-    Envelope, Error, EventBus, EventBusExt, HandlerError, SubscribeOptions, ValidationError,
-};
+use eventbus::{Envelope, Error, EventBus, EventBusExt, HandlerError, SubscribeOptions, ValidationError};
 use tokio::sync::mpsc;
 
 use super::DELIVERY_DEADLINE;
@@ -23,32 +21,17 @@ const SUITE: &str = "delivery";
 /// Runs every delivery scenario.
 pub async fn run(backend: &dyn Backend) -> anyhow::Result<()> {
     let connection = backend.connect(backend.config()).await?;
-    round_trip(backend, &connection)
-        .await
-        .context("round trip")?;
-    topic_isolation(backend, &connection)
-        .await
-        .context("topic isolation")?;
-    consumer_groups(backend, &connection)
-        .await
-        .context("consumer groups")?;
+    round_trip(backend, &connection).await.context("round trip")?;
+    topic_isolation(backend, &connection).await.context("topic isolation")?;
+    consumer_groups(backend, &connection).await.context("consumer groups")?;
     if backend.capabilities().history {
         history(backend, &connection).await.context("history")?;
     } else {
-        not_run(
-            backend,
-            SUITE,
-            "history",
-            "the backend does not retain history for new groups",
-        );
+        not_run(backend, SUITE, "history", "the backend does not retain history for new groups");
     }
-    durable_group(backend, &connection)
-        .await
-        .context("durable group")?;
+    durable_group(backend, &connection).await.context("durable group")?;
     batch(backend, &connection).await.context("batch")?;
-    churn(backend, &connection)
-        .await
-        .context("subscription churn")?;
+    churn(backend, &connection).await.context("subscription churn")?;
     connection.bus.close().await;
     flush_on_close(backend).await.context("flush on close")?;
     publish_results(backend).await.context("publish results")?;
@@ -80,25 +63,15 @@ async fn round_trip(backend: &dyn Backend, connection: &Connection) -> anyhow::R
         .payload(payload)
         .build()?;
     let ack = bus.publish(&topic, sent.clone()).await?.await?;
-    let received = tokio::time::timeout(DELIVERY_DEADLINE, rx.recv())
-        .await?
-        .context("no delivery")?;
+    let received = tokio::time::timeout(DELIVERY_DEADLINE, rx.recv()).await?.context("no delivery")?;
     subscription.close().await;
     figures(
         backend,
         SUITE,
         "round-trip",
-        format_args!(
-            "payload_bytes={} headers={} intact={}",
-            sent.payload.len(),
-            sent.headers.len(),
-            received == sent
-        ),
+        format_args!("payload_bytes={} headers={} intact={}", sent.payload.len(), sent.headers.len(), received == sent),
     );
-    ensure!(
-        ack.event_id == sent.event_id && ack.topic == topic,
-        "ack names another event: {ack:?}"
-    );
+    ensure!(ack.event_id == sent.event_id && ack.topic == topic, "ack names another event: {ack:?}");
     ensure!(received == sent, "received {received:#?}\nsent {sent:#?}");
     Ok(())
 }
@@ -107,24 +80,11 @@ async fn topic_isolation(backend: &dyn Backend, connection: &Connection) -> anyh
     let bus = &*connection.bus;
     let workload = Workload::new("delivery-isolation", 20, 5, 2);
     let [a, b] = [0, 1].map(|_| Arc::new(Recorder::default()));
-    let sub_a = record_into(
-        bus,
-        &workload.topics[0],
-        SubscribeOptions::group("g"),
-        a.clone(),
-    )
-    .await?;
-    let sub_b = record_into(
-        bus,
-        &workload.topics[1],
-        SubscribeOptions::group("g"),
-        b.clone(),
-    )
-    .await?;
+    let sub_a = record_into(bus, &workload.topics[0], SubscribeOptions::group("g"), a.clone()).await?;
+    let sub_b = record_into(bus, &workload.topics[1], SubscribeOptions::group("g"), b.clone()).await?;
     let published = workload.publish(connection.bus.clone()).await;
     let half = workload.total() / 2;
-    let complete =
-        a.wait_for(half, DELIVERY_DEADLINE).await && b.wait_for(half, DELIVERY_DEADLINE).await;
+    let complete = a.wait_for(half, DELIVERY_DEADLINE).await && b.wait_for(half, DELIVERY_DEADLINE).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     sub_a.close().await;
     sub_b.close().await;
@@ -146,20 +106,10 @@ async fn topic_isolation(backend: &dyn Backend, connection: &Connection) -> anyh
             b.tally(half)
         ),
     );
-    ensure!(
-        published.failed == 0,
-        "publishes failed: {:?}",
-        published.errors
-    );
+    ensure!(published.failed == 0, "publishes failed: {:?}", published.errors);
     ensure!(complete, "not every event arrived");
-    ensure!(
-        wrong_a == 0 && wrong_b == 0,
-        "a subscription received another topic's events"
-    );
-    ensure!(
-        a.tally(half).duplicates == 0 && b.tally(half).duplicates == 0,
-        "duplicates"
-    );
+    ensure!(wrong_a == 0 && wrong_b == 0, "a subscription received another topic's events");
+    ensure!(a.tally(half).duplicates == 0 && b.tally(half).duplicates == 0, "duplicates");
     Ok(())
 }
 
@@ -171,31 +121,25 @@ async fn consumer_groups(backend: &dyn Backend, connection: &Connection) -> anyh
     let alone = Arc::new(Recorder::default());
     let shared = Arc::new(Recorder::default());
     let counts: [Arc<AtomicUsize>; 2] = Default::default();
-    let mut subscriptions =
-        vec![record_into(bus, topic, SubscribeOptions::group("alone"), alone.clone()).await?];
+    let mut subscriptions = vec![record_into(bus, topic, SubscribeOptions::group("alone"), alone.clone()).await?];
     for count in &counts {
         let (shared, count) = (shared.clone(), count.clone());
         subscriptions.push(
-            bus.subscribe_with(
-                topic,
-                SubscribeOptions::group("shared").concurrency(4),
-                move |event| {
-                    let (shared, count) = (shared.clone(), count.clone());
-                    async move {
-                        // Long enough that one member cannot drain the topic alone.
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                        shared.record(&event);
-                        count.fetch_add(1, Ordering::Relaxed);
-                        Ok::<(), HandlerError>(())
-                    }
-                },
-            )
+            bus.subscribe_with(topic, SubscribeOptions::group("shared").concurrency(4), move |event| {
+                let (shared, count) = (shared.clone(), count.clone());
+                async move {
+                    // Long enough that one member cannot drain the topic alone.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    shared.record(&event);
+                    count.fetch_add(1, Ordering::Relaxed);
+                    Ok::<(), HandlerError>(())
+                }
+            })
             .await?,
         );
     }
     let published = workload.publish(connection.bus.clone()).await;
-    let complete = alone.wait_for(total, DELIVERY_DEADLINE).await
-        && shared.wait_for(total, DELIVERY_DEADLINE).await;
+    let complete = alone.wait_for(total, DELIVERY_DEADLINE).await && shared.wait_for(total, DELIVERY_DEADLINE).await;
     for subscription in subscriptions {
         subscription.close().await;
     }
@@ -210,22 +154,12 @@ async fn consumer_groups(backend: &dyn Backend, connection: &Connection) -> anyh
             shared.tally(total)
         ),
     );
-    ensure!(
-        published.failed == 0,
-        "publishes failed: {:?}",
-        published.errors
-    );
+    ensure!(published.failed == 0, "publishes failed: {:?}", published.errors);
     ensure!(complete, "a group missed events");
     for tally in [alone.tally(total), shared.tally(total)] {
-        ensure!(
-            tally.losses == 0 && tally.duplicates == 0 && tally.violations == 0,
-            "{tally}"
-        );
+        ensure!(tally.losses == 0 && tally.duplicates == 0 && tally.violations == 0, "{tally}");
     }
-    ensure!(
-        shares.iter().all(|&s| s > 0),
-        "one member of the shared group got nothing: {shares:?}"
-    );
+    ensure!(shares.iter().all(|&s| s > 0), "one member of the shared group got nothing: {shares:?}");
     Ok(())
 }
 
@@ -234,13 +168,7 @@ async fn history(backend: &dyn Backend, connection: &Connection) -> anyhow::Resu
     let workload = Workload::new("delivery-history", 10, 5, 1);
     let published = workload.publish(connection.bus.clone()).await;
     let late = Arc::new(Recorder::default());
-    let subscription = record_into(
-        bus,
-        &workload.topics[0],
-        SubscribeOptions::group("late"),
-        late.clone(),
-    )
-    .await?;
+    let subscription = record_into(bus, &workload.topics[0], SubscribeOptions::group("late"), late.clone()).await?;
     let complete = late.wait_for(workload.total(), DELIVERY_DEADLINE).await;
     subscription.close().await;
     let tally = late.tally(workload.total());
@@ -250,15 +178,8 @@ async fn history(backend: &dyn Backend, connection: &Connection) -> anyhow::Resu
         "history-for-new-group",
         format_args!("published_before_subscribe={} {tally}", workload.total()),
     );
-    ensure!(
-        published.failed == 0,
-        "publishes failed: {:?}",
-        published.errors
-    );
-    ensure!(
-        complete && tally.violations == 0 && tally.duplicates == 0,
-        "{tally}"
-    );
+    ensure!(published.failed == 0, "publishes failed: {:?}", published.errors);
+    ensure!(complete && tally.violations == 0 && tally.duplicates == 0, "{tally}");
     Ok(())
 }
 
@@ -267,47 +188,25 @@ async fn durable_group(backend: &dyn Backend, connection: &Connection) -> anyhow
     let workload = Workload::new("delivery-durable", 10, 4, 1);
     let topic = &workload.topics[0];
     let recorder = Arc::new(Recorder::default());
-    let first = record_into(
-        bus,
-        topic,
-        SubscribeOptions::group("durable"),
-        recorder.clone(),
-    )
-    .await?;
+    let first = record_into(bus, topic, SubscribeOptions::group("durable"), recorder.clone()).await?;
     let events = |versions: std::ops::RangeInclusive<u64>| {
         (0..workload.aggregates).flat_map(move |i| versions.clone().map(move |v| (i, v)))
     };
     for (i, v) in events(1..=2) {
         bus.publish(topic, workload.event(i, v)).await?.await?;
     }
-    let first_half = recorder
-        .wait_for(workload.aggregates * 2, DELIVERY_DEADLINE)
-        .await;
+    let first_half = recorder.wait_for(workload.aggregates * 2, DELIVERY_DEADLINE).await;
     first.close().await;
     // Published while the group has no member: the group must receive them when it comes back.
     for (i, v) in events(3..=4) {
         bus.publish(topic, workload.event(i, v)).await?.await?;
     }
-    let second = record_into(
-        bus,
-        topic,
-        SubscribeOptions::group("durable"),
-        recorder.clone(),
-    )
-    .await?;
+    let second = record_into(bus, topic, SubscribeOptions::group("durable"), recorder.clone()).await?;
     let complete = recorder.wait_for(workload.total(), DELIVERY_DEADLINE).await;
     second.close().await;
     let tally = recorder.tally(workload.total());
-    figures(
-        backend,
-        SUITE,
-        "durable-group-resumes",
-        format_args!("messages={} {tally}", workload.total()),
-    );
-    ensure!(
-        first_half && complete,
-        "the group did not resume where it stopped: {tally}"
-    );
+    figures(backend, SUITE, "durable-group-resumes", format_args!("messages={} {tally}", workload.total()));
+    ensure!(first_half && complete, "the group did not resume where it stopped: {tally}");
     ensure!(tally.violations == 0 && tally.duplicates == 0, "{tally}");
     Ok(())
 }
@@ -316,22 +215,13 @@ async fn batch(backend: &dyn Backend, connection: &Connection) -> anyhow::Result
     let bus = &*connection.bus;
     let topic = unique("delivery-batch");
     let recorder = Arc::new(Recorder::default());
-    let subscription =
-        record_into(bus, &topic, SubscribeOptions::group("g"), recorder.clone()).await?;
+    let subscription = record_into(bus, &topic, SubscribeOptions::group("g"), recorder.clone()).await?;
     let mut envelopes: Vec<Envelope> = (1..=5)
-        .map(|v| {
-            Envelope::builder("batch-1", "Batched")
-                .version(v)
-                .payload("p")
-                .build()
-        })
+        .map(|v| Envelope::builder("batch-1", "Batched").version(v).payload("p").build())
         .collect::<Result<_, _>>()?;
     envelopes[2].event_version = 0;
     let results = bus.publish_batch(&topic, envelopes).await;
-    let outcomes: Vec<&str> = results
-        .iter()
-        .map(|r| if r.is_ok() { "ok" } else { "err" })
-        .collect();
+    let outcomes: Vec<&str> = results.iter().map(|r| if r.is_ok() { "ok" } else { "err" }).collect();
     let complete = recorder.wait_for(4, DELIVERY_DEADLINE).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     subscription.close().await;
@@ -346,14 +236,8 @@ async fn batch(backend: &dyn Backend, connection: &Connection) -> anyhow::Result
         Err(Error::Invalid(ValidationError::ZeroVersion)) => {}
         other => bail!("entry 2 should fail as invalid, got {other:?}"),
     }
-    ensure!(
-        results.iter().enumerate().all(|(i, r)| i == 2 || r.is_ok()),
-        "valid entries failed: {results:?}"
-    );
-    ensure!(
-        complete && received == [1, 2, 4, 5],
-        "received {received:?}"
-    );
+    ensure!(results.iter().enumerate().all(|(i, r)| i == 2 || r.is_ok()), "valid entries failed: {results:?}");
+    ensure!(complete && received == [1, 2, 4, 5], "received {received:?}");
     Ok(())
 }
 
@@ -361,18 +245,14 @@ async fn churn(backend: &dyn Backend, connection: &Connection) -> anyhow::Result
     let bus = &*connection.bus;
     let topic = unique("delivery-churn");
     // Ten subscriptions opened and closed concurrently.
-    let opened = futures_util::future::join_all((0..10).map(|i| {
-        let topic = topic.clone();
-        async move {
-            bus.subscribe_with(
-                &topic,
-                SubscribeOptions::group(format!("churn-{i}")),
-                |_| async { Ok(()) },
-            )
-            .await
-        }
-    }))
-    .await;
+    let opened =
+        futures_util::future::join_all((0..10).map(|i| {
+            let topic = topic.clone();
+            async move {
+                bus.subscribe_with(&topic, SubscribeOptions::group(format!("churn-{i}")), |_| async { Ok(()) }).await
+            }
+        }))
+        .await;
     let opened: Vec<_> = opened.into_iter().collect::<Result<_, _>>()?;
     futures_util::future::join_all(opened.into_iter().map(|s| s.close())).await;
 
@@ -381,13 +261,7 @@ async fn churn(backend: &dyn Backend, connection: &Connection) -> anyhow::Result
     let topic = &workload.topics[0];
     let (stays, leaves) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
     let staying = record_into(bus, topic, SubscribeOptions::group("stays"), stays.clone()).await?;
-    let leaving = record_into(
-        bus,
-        topic,
-        SubscribeOptions::group("leaves"),
-        leaves.clone(),
-    )
-    .await?;
+    let leaving = record_into(bus, topic, SubscribeOptions::group("leaves"), leaves.clone()).await?;
     for i in 0..workload.aggregates {
         for v in 1..=5 {
             bus.publish(topic, workload.event(i, v)).await?.await?;
@@ -415,20 +289,10 @@ async fn churn(backend: &dyn Backend, connection: &Connection) -> anyhow::Result
             metrics.subscriptions
         ),
     );
-    ensure!(
-        first && complete,
-        "the remaining subscription missed events"
-    );
+    ensure!(first && complete, "the remaining subscription missed events");
     ensure!(stays.tally(workload.total()).violations == 0, "order broke");
-    ensure!(
-        leaves.distinct() <= half,
-        "a closed subscription went on receiving"
-    );
-    ensure!(
-        metrics.subscriptions == 0,
-        "subscriptions left live: {}",
-        metrics.subscriptions
-    );
+    ensure!(leaves.distinct() <= half, "a closed subscription went on receiving");
+    ensure!(metrics.subscriptions == 0, "subscriptions left live: {}", metrics.subscriptions);
     Ok(())
 }
 
@@ -439,10 +303,7 @@ async fn flush_on_close(backend: &dyn Backend) -> anyhow::Result<()> {
     let mut receipts = Vec::new();
     for v in 1..=workload.versions {
         for i in 0..workload.aggregates {
-            receipts.push(
-                bus.publish(&workload.topics[0], workload.event(i, v))
-                    .await?,
-            );
+            receipts.push(bus.publish(&workload.topics[0], workload.event(i, v)).await?);
         }
     }
     let report = bus.close().await;
@@ -461,21 +322,10 @@ async fn flush_on_close(backend: &dyn Backend) -> anyhow::Result<()> {
             report.elapsed
         ),
     );
-    ensure!(
-        failed == 0 && report.unacked.is_empty(),
-        "close dropped accepted publishes"
-    );
-    ensure!(
-        published == workload.total() as u64,
-        "metrics counted {published} acks"
-    );
-    let after = bus
-        .publish(&workload.topics[0], workload.event(0, 11))
-        .await;
-    ensure!(
-        matches!(after, Err(Error::Closed)),
-        "publish after close: {after:?}"
-    );
+    ensure!(failed == 0 && report.unacked.is_empty(), "close dropped accepted publishes");
+    ensure!(published == workload.total() as u64, "metrics counted {published} acks");
+    let after = bus.publish(&workload.topics[0], workload.event(0, 11)).await;
+    ensure!(matches!(after, Err(Error::Closed)), "publish after close: {after:?}");
     Ok(())
 }
 
@@ -484,13 +334,8 @@ async fn publish_results(backend: &dyn Backend) -> anyhow::Result<()> {
     config.publish.report_results = true;
     let connection = backend.connect(config).await?;
     let bus = &*connection.bus;
-    let mut results = bus
-        .publish_results()
-        .context("report_results is on but there is no stream")?;
-    ensure!(
-        bus.publish_results().is_none(),
-        "the stream was handed out twice"
-    );
+    let mut results = bus.publish_results().context("report_results is on but there is no stream")?;
+    ensure!(bus.publish_results().is_none(), "the stream was handed out twice");
     let workload = Workload::new("delivery-results", 4, 5, 1);
     let mut sent = Vec::new();
     for i in 0..workload.aggregates {
@@ -502,19 +347,9 @@ async fn publish_results(backend: &dyn Backend) -> anyhow::Result<()> {
     }
     let mut reported = Vec::new();
     while reported.len() < sent.len() {
-        let result = tokio::time::timeout(DELIVERY_DEADLINE, results.recv())
-            .await?
-            .context("stream ended early")?;
-        ensure!(
-            result.topic == workload.topics[0],
-            "result names topic {}",
-            result.topic
-        );
-        ensure!(
-            result.outcome.is_ok(),
-            "publish failed: {:?}",
-            result.outcome
-        );
+        let result = tokio::time::timeout(DELIVERY_DEADLINE, results.recv()).await?.context("stream ended early")?;
+        ensure!(result.topic == workload.topics[0], "result names topic {}", result.topic);
+        ensure!(result.outcome.is_ok(), "publish failed: {:?}", result.outcome);
         reported.push(result.event_id);
     }
     bus.close().await;
@@ -532,13 +367,7 @@ async fn publish_results(backend: &dyn Backend) -> anyhow::Result<()> {
     );
     sent.sort();
     reported.sort();
-    ensure!(
-        sent == reported,
-        "the stream did not report each publish exactly once"
-    );
-    ensure!(
-        matches!(end, Ok(None)),
-        "the stream did not end after close: {end:?}"
-    );
+    ensure!(sent == reported, "the stream did not report each publish exactly once");
+    ensure!(matches!(end, Ok(None)), "the stream did not end after close: {end:?}");
     Ok(())
 }

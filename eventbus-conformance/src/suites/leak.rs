@@ -36,31 +36,16 @@ async fn cycles(backend: &dyn Backend, baseline: Resources) -> anyhow::Result<()
         let connection = backend.connect(backend.config()).await?;
         let workload = Workload::new("leak", 100, 10, 1);
         let recorder = Arc::new(Recorder::default());
-        let subscription = record_into(
-            &*connection.bus,
-            &workload.topics[0],
-            SubscribeOptions::group("g"),
-            recorder.clone(),
-        )
-        .await?;
+        let subscription =
+            record_into(&*connection.bus, &workload.topics[0], SubscribeOptions::group("g"), recorder.clone()).await?;
         let published = workload.publish(connection.bus.clone()).await;
-        ensure!(
-            published.failed == 0,
-            "publishes failed: {:?}",
-            published.errors
-        );
-        ensure!(
-            recorder.wait_for(workload.total(), DELIVERY_DEADLINE).await,
-            "events lost"
-        );
+        ensure!(published.failed == 0, "publishes failed: {:?}", published.errors);
+        ensure!(recorder.wait_for(workload.total(), DELIVERY_DEADLINE).await, "events lost");
         peak_tasks = peak_tasks.max(resources().tasks);
         delivered += recorder.distinct();
         subscription.close().await;
         let report = connection.bus.close().await;
-        ensure!(
-            report.unacked.is_empty() && report.abandoned == 0,
-            "close cut work short: {report:?}"
-        );
+        ensure!(report.unacked.is_empty() && report.abandoned == 0, "close cut work short: {report:?}");
     }
     // Tasks must be back once close returns (allowing the runtime's bookkeeping to catch up); descriptors and
     // threads are given a moment to be released.
@@ -76,14 +61,8 @@ async fn cycles(backend: &dyn Backend, baseline: Resources) -> anyhow::Result<()
             started.elapsed().as_secs_f64()
         ),
     );
-    ensure!(
-        tasks_right_after_close == baseline.tasks,
-        "close returned with {tasks_right_after_close} tasks alive"
-    );
-    ensure!(
-        after == baseline,
-        "after 50 cycles: [{after}], baseline: [{baseline}]"
-    );
+    ensure!(tasks_right_after_close == baseline.tasks, "close returned with {tasks_right_after_close} tasks alive");
+    ensure!(after == baseline, "after 50 cycles: [{after}], baseline: [{baseline}]");
     Ok(())
 }
 
@@ -91,13 +70,8 @@ async fn drop_without_close(backend: &dyn Backend, baseline: Resources) -> anyho
     let connection = backend.connect(backend.config()).await?;
     let workload = Workload::new("leak-drop", 100, 10, 1);
     let recorder = Arc::new(Recorder::default());
-    let subscription = record_into(
-        &*connection.bus,
-        &workload.topics[0],
-        SubscribeOptions::group("g"),
-        recorder.clone(),
-    )
-    .await?;
+    let subscription =
+        record_into(&*connection.bus, &workload.topics[0], SubscribeOptions::group("g"), recorder.clone()).await?;
     subscription.detach();
     let published = workload.publish(connection.bus.clone()).await;
     let with_bus = resources();
@@ -115,15 +89,7 @@ async fn drop_without_close(backend: &dyn Backend, baseline: Resources) -> anyho
             recorder.distinct()
         ),
     );
-    ensure!(
-        after.tasks == baseline.tasks,
-        "{} tasks alive 1 s after drop, baseline {}",
-        after.tasks,
-        baseline.tasks
-    );
-    ensure!(
-        after == baseline,
-        "after drop: [{after}], baseline: [{baseline}]"
-    );
+    ensure!(after.tasks == baseline.tasks, "{} tasks alive 1 s after drop, baseline {}", after.tasks, baseline.tasks);
+    ensure!(after == baseline, "after drop: [{after}], baseline: [{baseline}]");
     Ok(())
 }

@@ -28,12 +28,7 @@ pub async fn run(backend: &dyn Backend) -> anyhow::Result<()> {
 }
 
 /// `fail`: every 7th version of each aggregate fails twice before it succeeds.
-async fn scenario(
-    backend: &dyn Backend,
-    name: &str,
-    fail: bool,
-    members: usize,
-) -> anyhow::Result<()> {
+async fn scenario(backend: &dyn Backend, name: &str, fail: bool, members: usize) -> anyhow::Result<()> {
     let workload = Workload::new(SUITE, 1000, 10, 5);
     let total = workload.total();
     let mut config = backend.config();
@@ -49,20 +44,12 @@ async fn scenario(
     let mut subscriptions = Vec::new();
     for topic in &workload.topics {
         for handled in &per_member {
-            let (recorder, attempts, injected, handled) = (
-                recorder.clone(),
-                attempts.clone(),
-                injected.clone(),
-                handled.clone(),
-            );
+            let (recorder, attempts, injected, handled) =
+                (recorder.clone(), attempts.clone(), injected.clone(), handled.clone());
             let subscription = bus
                 .subscribe_with(topic, SubscribeOptions::group("ordering"), move |event| {
-                    let (recorder, attempts, injected, handled) = (
-                        recorder.clone(),
-                        attempts.clone(),
-                        injected.clone(),
-                        handled.clone(),
-                    );
+                    let (recorder, attempts, injected, handled) =
+                        (recorder.clone(), attempts.clone(), injected.clone(), handled.clone());
                     async move {
                         if fail && event.event_version % 7 == 0 {
                             let mut attempts = attempts.lock().unwrap();
@@ -97,10 +84,7 @@ async fn scenario(
     let tasks_after = tasks_settled(tasks_before).await;
 
     let tally = recorder.tally(total);
-    let shares: Vec<usize> = per_member
-        .iter()
-        .map(|h| h.load(Ordering::Relaxed))
-        .collect();
+    let shares: Vec<usize> = per_member.iter().map(|h| h.load(Ordering::Relaxed)).collect();
     figures(
         backend,
         SUITE,
@@ -117,38 +101,16 @@ async fn scenario(
             report.unacked.len(),
         ),
     );
-    ensure!(
-        published.failed == 0,
-        "publishes failed: {:?}",
-        published.errors
-    );
-    ensure!(
-        complete,
-        "only {} of {total} events arrived within {DELIVERY_DEADLINE:?}",
-        tally.distinct
-    );
-    ensure!(
-        tally.violations == 0,
-        "{} order violations, first at {:?}",
-        tally.violations,
-        recorder.first_violation()
-    );
+    ensure!(published.failed == 0, "publishes failed: {:?}", published.errors);
+    ensure!(complete, "only {} of {total} events arrived within {DELIVERY_DEADLINE:?}", tally.distinct);
+    ensure!(tally.violations == 0, "{} order violations, first at {:?}", tally.violations, recorder.first_violation());
     ensure!(tally.losses == 0 && tally.duplicates == 0, "{tally}");
     if fail {
-        ensure!(
-            injected.load(Ordering::Relaxed) == 2 * workload.aggregates,
-            "failures were not injected as planned"
-        );
+        ensure!(injected.load(Ordering::Relaxed) == 2 * workload.aggregates, "failures were not injected as planned");
     }
     if members > 1 {
-        ensure!(
-            shares.iter().all(|&s| s > 0),
-            "a group member received nothing: {shares:?}"
-        );
+        ensure!(shares.iter().all(|&s| s > 0), "a group member received nothing: {shares:?}");
     }
-    ensure!(
-        tasks_after == tasks_before,
-        "tasks after close: {tasks_after}, before: {tasks_before}"
-    );
+    ensure!(tasks_after == tasks_before, "tasks after close: {tasks_after}, before: {tasks_before}");
     Ok(())
 }

@@ -27,27 +27,14 @@ pub async fn run(backend: &dyn Backend) -> anyhow::Result<()> {
     config.retry = quick_retry(3);
     let connection = backend.connect(config).await?;
     transient(backend, &connection).await.context("transient")?;
-    panicking_handler(backend, &connection)
-        .await
-        .context("panicking handler")?;
-    dead_letters(backend, &connection)
-        .await
-        .context("dead letters")?;
+    panicking_handler(backend, &connection).await.context("panicking handler")?;
+    dead_letters(backend, &connection).await.context("dead letters")?;
     if connection.raw.is_some() {
-        undecodable(backend, &connection)
-            .await
-            .context("undecodable")?;
+        undecodable(backend, &connection).await.context("undecodable")?;
     } else {
-        not_run(
-            backend,
-            SUITE,
-            "undecodable",
-            "no raw broker access to publish a malformed message",
-        );
+        not_run(backend, SUITE, "undecodable", "no raw broker access to publish a malformed message");
     }
-    replaced_subscriber(backend, &connection)
-        .await
-        .context("replaced subscriber")?;
+    replaced_subscriber(backend, &connection).await.context("replaced subscriber")?;
     connection.bus.close().await;
     Ok(())
 }
@@ -59,26 +46,22 @@ async fn transient(backend: &dyn Backend, connection: &Connection) -> anyhow::Re
     let attempts: Arc<Mutex<HashMap<EventId, u32>>> = Arc::default();
     let subscription = {
         let (recorder, attempts) = (recorder.clone(), attempts.clone());
-        bus.subscribe_with(
-            &workload.topics[0],
-            SubscribeOptions::group("g"),
-            move |event| {
-                let (recorder, attempts) = (recorder.clone(), attempts.clone());
-                async move {
-                    let attempt = {
-                        let mut attempts = attempts.lock().unwrap();
-                        let attempt = attempts.entry(event.event_id).or_insert(0);
-                        *attempt += 1;
-                        *attempt
-                    };
-                    if attempt <= 2 {
-                        return Err(HandlerError::transient(format!("attempt {attempt} fails")));
-                    }
-                    recorder.record(&event);
-                    Ok(())
+        bus.subscribe_with(&workload.topics[0], SubscribeOptions::group("g"), move |event| {
+            let (recorder, attempts) = (recorder.clone(), attempts.clone());
+            async move {
+                let attempt = {
+                    let mut attempts = attempts.lock().unwrap();
+                    let attempt = attempts.entry(event.event_id).or_insert(0);
+                    *attempt += 1;
+                    *attempt
+                };
+                if attempt <= 2 {
+                    return Err(HandlerError::transient(format!("attempt {attempt} fails")));
                 }
-            },
-        )
+                recorder.record(&event);
+                Ok(())
+            }
+        })
         .await?
     };
     let published = workload.publish(connection.bus.clone()).await;
@@ -90,24 +73,11 @@ async fn transient(backend: &dyn Backend, connection: &Connection) -> anyhow::Re
         backend,
         SUITE,
         "transient-errors-retried-in-order",
-        format_args!(
-            "messages={} handler_calls={calls} {tally}",
-            workload.total()
-        ),
+        format_args!("messages={} handler_calls={calls} {tally}", workload.total()),
     );
-    ensure!(
-        published.failed == 0,
-        "publishes failed: {:?}",
-        published.errors
-    );
-    ensure!(
-        complete && tally.violations == 0 && tally.duplicates == 0,
-        "{tally}"
-    );
-    ensure!(
-        calls as usize == 3 * workload.total(),
-        "expected three calls per event, made {calls}"
-    );
+    ensure!(published.failed == 0, "publishes failed: {:?}", published.errors);
+    ensure!(complete && tally.violations == 0 && tally.duplicates == 0, "{tally}");
+    ensure!(calls as usize == 3 * workload.total(), "expected three calls per event, made {calls}");
     Ok(())
 }
 
@@ -118,8 +88,7 @@ async fn dead_letters(backend: &dyn Backend, connection: &Connection) -> anyhow:
     let (permanent, exhausted) = (workload.aggregate_id(0), workload.aggregate_id(1));
     let recorder = Arc::new(Recorder::default());
     let subscription = {
-        let (recorder, permanent, exhausted) =
-            (recorder.clone(), permanent.clone(), exhausted.clone());
+        let (recorder, permanent, exhausted) = (recorder.clone(), permanent.clone(), exhausted.clone());
         bus.subscribe_with(topic, SubscribeOptions::group("g"), move |event| {
             let recorder = recorder.clone();
             let fails_for_good = event.aggregate_id == permanent && event.event_version == 3;
@@ -140,29 +109,22 @@ async fn dead_letters(backend: &dyn Backend, connection: &Connection) -> anyhow:
     let (dlq_tx, mut dlq_rx) = mpsc::unbounded_channel();
     let dead_letter_topic = backend.config().dead_letter.topic_for(topic);
     let dlq_reader = bus
-        .subscribe_with(
-            &dead_letter_topic,
-            SubscribeOptions::group("dlq-reader"),
-            move |event: Envelope| {
-                let dlq_tx = dlq_tx.clone();
-                async move {
-                    dlq_tx.send(event)?;
-                    Ok(())
-                }
-            },
-        )
+        .subscribe_with(&dead_letter_topic, SubscribeOptions::group("dlq-reader"), move |event: Envelope| {
+            let dlq_tx = dlq_tx.clone();
+            async move {
+                dlq_tx.send(event)?;
+                Ok(())
+            }
+        })
         .await?;
     let published = workload.publish(connection.bus.clone()).await;
     let mut dead = Vec::new();
     while dead.len() < 2 {
-        let event = tokio::time::timeout(DELIVERY_DEADLINE, dlq_rx.recv())
-            .await?
-            .context("dead-letter reader ended")?;
+        let event =
+            tokio::time::timeout(DELIVERY_DEADLINE, dlq_rx.recv()).await?.context("dead-letter reader ended")?;
         dead.push(event);
     }
-    let delivered = recorder
-        .wait_for(workload.total() - 2, DELIVERY_DEADLINE)
-        .await;
+    let delivered = recorder.wait_for(workload.total() - 2, DELIVERY_DEADLINE).await;
     subscription.close().await;
     dlq_reader.close().await;
     dead.sort_by_key(|e| e.aggregate_id.clone());
@@ -182,54 +144,30 @@ async fn dead_letters(backend: &dyn Backend, connection: &Connection) -> anyhow:
         backend,
         SUITE,
         "dead-lettered-with-reason",
-        format_args!("dead_letter_topic={dead_letter_topic} dead_letters={reasons:?} later_versions={:?}/{:?}",
-            recorder.versions(&permanent), recorder.versions(&exhausted)),
+        format_args!(
+            "dead_letter_topic={dead_letter_topic} dead_letters={reasons:?} later_versions={:?}/{:?}",
+            recorder.versions(&permanent),
+            recorder.versions(&exhausted)
+        ),
     );
-    ensure!(
-        published.failed == 0,
-        "publishes failed: {:?}",
-        published.errors
-    );
-    let permanent_dl = dead
-        .iter()
-        .find(|e| e.aggregate_id == permanent)
-        .context("permanent failure not dead-lettered")?;
+    ensure!(published.failed == 0, "publishes failed: {:?}", published.errors);
+    let permanent_dl =
+        dead.iter().find(|e| e.aggregate_id == permanent).context("permanent failure not dead-lettered")?;
     ensure!(permanent_dl.event_version == 3, "wrong event dead-lettered");
     let reason = &permanent_dl.headers[wire::DEAD_LETTER_REASON];
-    ensure!(
-        reason.contains("permanent") && reason.contains("order total is negative"),
-        "reason: {reason}"
-    );
-    ensure!(
-        permanent_dl.headers[wire::DEAD_LETTER_ATTEMPTS] == "1",
-        "a permanent error was retried"
-    );
-    ensure!(
-        permanent_dl.headers[wire::DEAD_LETTER_TOPIC] == *topic,
-        "origin topic missing"
-    );
-    let exhausted_dl = dead
-        .iter()
-        .find(|e| e.aggregate_id == exhausted)
-        .context("exhausted retries not dead-lettered")?;
+    ensure!(reason.contains("permanent") && reason.contains("order total is negative"), "reason: {reason}");
+    ensure!(permanent_dl.headers[wire::DEAD_LETTER_ATTEMPTS] == "1", "a permanent error was retried");
+    ensure!(permanent_dl.headers[wire::DEAD_LETTER_TOPIC] == *topic, "origin topic missing");
+    let exhausted_dl =
+        dead.iter().find(|e| e.aggregate_id == exhausted).context("exhausted retries not dead-lettered")?;
     let reason = &exhausted_dl.headers[wire::DEAD_LETTER_REASON];
     ensure!(
-        reason.contains("gave up after 3 attempts")
-            && reason.contains("inventory service unavailable"),
+        reason.contains("gave up after 3 attempts") && reason.contains("inventory service unavailable"),
         "reason: {reason}"
     );
-    ensure!(
-        delivered,
-        "the aggregates did not go on after dead-lettering"
-    );
-    ensure!(
-        recorder.versions(&permanent) == [1, 2, 4, 5],
-        "order after dead letter"
-    );
-    ensure!(
-        recorder.versions(&exhausted) == [1, 3, 4, 5],
-        "order after dead letter"
-    );
+    ensure!(delivered, "the aggregates did not go on after dead-lettering");
+    ensure!(recorder.versions(&permanent) == [1, 2, 4, 5], "order after dead letter");
+    ensure!(recorder.versions(&exhausted) == [1, 3, 4, 5], "order after dead letter");
     Ok(())
 }
 
@@ -240,8 +178,7 @@ async fn undecodable(backend: &dyn Backend, connection: &Connection) -> anyhow::
     let topic = &workload.topics[0];
     let recorder = Arc::new(Recorder::default());
     let undecodable_before = bus.metrics().undecodable;
-    let subscription =
-        record_into(bus, topic, SubscribeOptions::group("g"), recorder.clone()).await?;
+    let subscription = record_into(bus, topic, SubscribeOptions::group("g"), recorder.clone()).await?;
     bus.publish(topic, workload.event(0, 1)).await?.await?;
     let no_headers = WireMessage {
         headers: vec![("content-type".into(), "text/plain".into())],
@@ -255,15 +192,10 @@ async fn undecodable(backend: &dyn Backend, connection: &Connection) -> anyhow::
     bus.publish(topic, workload.event(0, 2)).await?.await?;
     let complete = recorder.wait_for(2, DELIVERY_DEADLINE).await;
     let dead_letter_topic = backend.config().dead_letter.topic_for(topic);
-    let dead = raw
-        .read_raw(&dead_letter_topic, 2, DELIVERY_DEADLINE)
-        .await?;
+    let dead = raw.read_raw(&dead_letter_topic, 2, DELIVERY_DEADLINE).await?;
     subscription.close().await;
     let undecodable = bus.metrics().undecodable - undecodable_before;
-    let reasons: Vec<&str> = dead
-        .iter()
-        .filter_map(|m| m.header(wire::DEAD_LETTER_REASON))
-        .collect();
+    let reasons: Vec<&str> = dead.iter().filter_map(|m| m.header(wire::DEAD_LETTER_REASON)).collect();
     figures(
         backend,
         SUITE,
@@ -275,24 +207,10 @@ async fn undecodable(backend: &dyn Backend, connection: &Connection) -> anyhow::
         ),
     );
     ensure!(complete, "the consumer stopped at the undecodable messages");
-    ensure!(
-        undecodable == 2 && dead.len() == 2,
-        "expected two undecodable messages dead-lettered"
-    );
-    ensure!(
-        dead[0].payload == "not an event" && dead[1].payload == "bad version",
-        "payloads not kept intact"
-    );
-    ensure!(
-        reasons[0].contains("event-id is missing"),
-        "reason: {}",
-        reasons[0]
-    );
-    ensure!(
-        reasons[1].contains("event-version is malformed"),
-        "reason: {}",
-        reasons[1]
-    );
+    ensure!(undecodable == 2 && dead.len() == 2, "expected two undecodable messages dead-lettered");
+    ensure!(dead[0].payload == "not an event" && dead[1].payload == "bad version", "payloads not kept intact");
+    ensure!(reasons[0].contains("event-id is missing"), "reason: {}", reasons[0]);
+    ensure!(reasons[1].contains("event-version is malformed"), "reason: {}", reasons[1]);
     Ok(())
 }
 
@@ -305,17 +223,13 @@ async fn replaced_subscriber(backend: &dyn Backend, connection: &Connection) -> 
     patient.initial_backoff = Duration::from_millis(20);
     let failing = {
         let failures = failures.clone();
-        bus.subscribe_with(
-            topic,
-            SubscribeOptions::group("replaced").retry(patient),
-            move |_| {
-                let failures = failures.clone();
-                async move {
-                    failures.fetch_add(1, Ordering::Relaxed);
-                    Err::<(), _>(HandlerError::transient("downstream is down"))
-                }
-            },
-        )
+        bus.subscribe_with(topic, SubscribeOptions::group("replaced").retry(patient), move |_| {
+            let failures = failures.clone();
+            async move {
+                failures.fetch_add(1, Ordering::Relaxed);
+                Err::<(), _>(HandlerError::transient("downstream is down"))
+            }
+        })
         .await?
     };
     let published = workload.publish(connection.bus.clone()).await;
@@ -324,13 +238,7 @@ async fn replaced_subscriber(backend: &dyn Backend, connection: &Connection) -> 
     }
     let report = failing.close().await;
     let recorder = Arc::new(Recorder::default());
-    let fresh = record_into(
-        bus,
-        topic,
-        SubscribeOptions::group("replaced"),
-        recorder.clone(),
-    )
-    .await?;
+    let fresh = record_into(bus, topic, SubscribeOptions::group("replaced"), recorder.clone()).await?;
     let complete = recorder.wait_for(workload.total(), DELIVERY_DEADLINE).await;
     fresh.close().await;
     let tally = recorder.tally(workload.total());
@@ -345,15 +253,8 @@ async fn replaced_subscriber(backend: &dyn Backend, connection: &Connection) -> 
             report.abandoned
         ),
     );
-    ensure!(
-        published.failed == 0,
-        "publishes failed: {:?}",
-        published.errors
-    );
-    ensure!(
-        complete && tally.violations == 0 && tally.duplicates == 0,
-        "{tally}"
-    );
+    ensure!(published.failed == 0, "publishes failed: {:?}", published.errors);
+    ensure!(complete && tally.violations == 0 && tally.duplicates == 0, "{tally}");
     Ok(())
 }
 
@@ -364,20 +265,16 @@ async fn panicking_handler(backend: &dyn Backend, connection: &Connection) -> an
     let panicked = Arc::new(AtomicUsize::new(0));
     let subscription = {
         let (recorder, panicked) = (recorder.clone(), panicked.clone());
-        bus.subscribe_with(
-            &workload.topics[0],
-            SubscribeOptions::group("g").concurrency(2),
-            move |event| {
-                let (recorder, panicked) = (recorder.clone(), panicked.clone());
-                async move {
-                    if event.event_version == 2 && panicked.fetch_add(1, Ordering::SeqCst) < 4 {
-                        panic!("handler bug on {} v2", event.aggregate_id);
-                    }
-                    recorder.record(&event);
-                    Ok::<(), HandlerError>(())
+        bus.subscribe_with(&workload.topics[0], SubscribeOptions::group("g").concurrency(2), move |event| {
+            let (recorder, panicked) = (recorder.clone(), panicked.clone());
+            async move {
+                if event.event_version == 2 && panicked.fetch_add(1, Ordering::SeqCst) < 4 {
+                    panic!("handler bug on {} v2", event.aggregate_id);
                 }
-            },
-        )
+                recorder.record(&event);
+                Ok::<(), HandlerError>(())
+            }
+        })
         .await?
     };
     // The panics are expected: print one line each instead of the default report with its backtrace.
@@ -392,20 +289,9 @@ async fn panicking_handler(backend: &dyn Backend, connection: &Connection) -> an
         backend,
         SUITE,
         "panicking-handler-retried",
-        format_args!(
-            "messages={} panics={} {tally}",
-            workload.total(),
-            panicked.load(Ordering::SeqCst).min(4)
-        ),
+        format_args!("messages={} panics={} {tally}", workload.total(), panicked.load(Ordering::SeqCst).min(4)),
     );
-    ensure!(
-        published.failed == 0,
-        "publishes failed: {:?}",
-        published.errors
-    );
-    ensure!(
-        complete && tally.violations == 0 && tally.duplicates == 0,
-        "{tally}"
-    );
+    ensure!(published.failed == 0, "publishes failed: {:?}", published.errors);
+    ensure!(complete && tally.violations == 0 && tally.duplicates == 0, "{tally}");
     Ok(())
 }

@@ -25,29 +25,14 @@ const MARGIN: Duration = Duration::from_millis(500);
 
 /// Runs every timeout scenario.
 pub async fn run(backend: &dyn Backend) -> anyhow::Result<()> {
-    hung_handler_retried(backend)
-        .await
-        .context("hung handler")?;
-    close_with_hung_handler(backend)
-        .await
-        .context("close with hung handler")?;
+    hung_handler_retried(backend).await.context("hung handler")?;
+    close_with_hung_handler(backend).await.context("close with hung handler")?;
     paused_broker(backend).await.context("paused broker")?;
     match backend.unreachable_config() {
-        Some(config) => unreachable(backend, config)
-            .await
-            .context("unreachable broker")?,
+        Some(config) => unreachable(backend, config).await.context("unreachable broker")?,
         None => {
-            let reason = backend
-                .capabilities()
-                .notes
-                .into_iter()
-                .find(|(c, _)| *c == "unreachable_config");
-            not_run(
-                backend,
-                SUITE,
-                "unreachable-broker",
-                reason.map_or("not declared".into(), |(_, r)| r),
-            );
+            let reason = backend.capabilities().notes.into_iter().find(|(c, _)| *c == "unreachable_config");
+            not_run(backend, SUITE, "unreachable-broker", reason.map_or("not declared".into(), |(_, r)| r));
         }
     }
     Ok(())
@@ -69,34 +54,26 @@ async fn hung_handler_retried(backend: &dyn Backend) -> anyhow::Result<()> {
     let others_total = (workload.aggregates - 1) * workload.versions as usize;
     let started = Instant::now();
     let subscription = {
-        let (recorder, hung, hung_attempts) =
-            (recorder.clone(), hung.clone(), hung_attempts.clone());
+        let (recorder, hung, hung_attempts) = (recorder.clone(), hung.clone(), hung_attempts.clone());
         let (others_done_at, hung_done_at) = (others_done_at.clone(), hung_done_at.clone());
         let others_seen = Arc::new(AtomicU32::new(0));
-        bus.subscribe_with(
-            &workload.topics[0],
-            SubscribeOptions::group("g"),
-            move |event| {
-                let (recorder, hung_attempts, others_seen) =
-                    (recorder.clone(), hung_attempts.clone(), others_seen.clone());
-                let (others_done_at, hung_done_at) = (others_done_at.clone(), hung_done_at.clone());
-                let is_hung = event.aggregate_id == hung;
-                async move {
-                    if is_hung && event.event_version == 1 {
-                        if hung_attempts.fetch_add(1, Ordering::SeqCst) == 0 {
-                            std::future::pending::<()>().await;
-                        }
-                        *hung_done_at.lock().unwrap() = Some(started.elapsed());
-                    } else if !is_hung
-                        && others_seen.fetch_add(1, Ordering::SeqCst) + 1 == others_total as u32
-                    {
-                        *others_done_at.lock().unwrap() = Some(started.elapsed());
+        bus.subscribe_with(&workload.topics[0], SubscribeOptions::group("g"), move |event| {
+            let (recorder, hung_attempts, others_seen) = (recorder.clone(), hung_attempts.clone(), others_seen.clone());
+            let (others_done_at, hung_done_at) = (others_done_at.clone(), hung_done_at.clone());
+            let is_hung = event.aggregate_id == hung;
+            async move {
+                if is_hung && event.event_version == 1 {
+                    if hung_attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+                        std::future::pending::<()>().await;
                     }
-                    recorder.record(&event);
-                    Ok::<(), HandlerError>(())
+                    *hung_done_at.lock().unwrap() = Some(started.elapsed());
+                } else if !is_hung && others_seen.fetch_add(1, Ordering::SeqCst) + 1 == others_total as u32 {
+                    *others_done_at.lock().unwrap() = Some(started.elapsed());
                 }
-            },
-        )
+                recorder.record(&event);
+                Ok::<(), HandlerError>(())
+            }
+        })
         .await?
     };
     let published = workload.publish(connection.bus.clone()).await;
@@ -116,29 +93,13 @@ async fn hung_handler_retried(backend: &dyn Backend) -> anyhow::Result<()> {
             hung_attempts.load(Ordering::SeqCst)
         ),
     );
-    ensure!(
-        published.failed == 0,
-        "publishes failed: {:?}",
-        published.errors
-    );
-    ensure!(
-        complete && tally.violations == 0 && tally.duplicates == 0,
-        "{tally}"
-    );
-    ensure!(
-        hung_attempts.load(Ordering::SeqCst) == 2,
-        "the hung call was not retried exactly once"
-    );
+    ensure!(published.failed == 0, "publishes failed: {:?}", published.errors);
+    ensure!(complete && tally.violations == 0 && tally.duplicates == 0, "{tally}");
+    ensure!(hung_attempts.load(Ordering::SeqCst) == 2, "the hung call was not retried exactly once");
     let (others, unhung) = (others.context("others")?, unhung.context("hung")?);
-    ensure!(
-        unhung >= handler_timeout,
-        "the hung call was retried before its timeout"
-    );
+    ensure!(unhung >= handler_timeout, "the hung call was retried before its timeout");
     ensure!(others < unhung, "other aggregates waited for the hung one");
-    ensure!(
-        recorder.versions(&hung) == (1..=10).collect::<Vec<_>>(),
-        "the hung aggregate lost its order"
-    );
+    ensure!(recorder.versions(&hung) == (1..=10).collect::<Vec<_>>(), "the hung aggregate lost its order");
     Ok(())
 }
 
@@ -152,26 +113,18 @@ async fn close_with_hung_handler(backend: &dyn Backend) -> anyhow::Result<()> {
     let entered = Arc::new(Notify::new());
     let subscription = {
         let entered = entered.clone();
-        bus.subscribe_with(
-            &workload.topics[0],
-            SubscribeOptions::group("g"),
-            move |_| {
-                let entered = entered.clone();
-                async move {
-                    entered.notify_one();
-                    std::future::pending::<Result<(), HandlerError>>().await
-                }
-            },
-        )
+        bus.subscribe_with(&workload.topics[0], SubscribeOptions::group("g"), move |_| {
+            let entered = entered.clone();
+            async move {
+                entered.notify_one();
+                std::future::pending::<Result<(), HandlerError>>().await
+            }
+        })
         .await?
     };
     subscription.detach();
-    bus.publish(&workload.topics[0], workload.event(0, 1))
-        .await?
-        .await?;
-    tokio::time::timeout(DELIVERY_DEADLINE, entered.notified())
-        .await
-        .context("handler never called")?;
+    bus.publish(&workload.topics[0], workload.event(0, 1)).await?.await?;
+    tokio::time::timeout(DELIVERY_DEADLINE, entered.notified()).await.context("handler never called")?;
     let started = Instant::now();
     let report = bus.close().await;
     let took = started.elapsed();
@@ -185,20 +138,13 @@ async fn close_with_hung_handler(backend: &dyn Backend) -> anyhow::Result<()> {
         ),
     );
     ensure!(took <= close_timeout + MARGIN, "close took {took:?}");
-    ensure!(
-        report.abandoned == 1 && report.timed_out,
-        "close did not report the abandoned delivery: {report:?}"
-    );
+    ensure!(report.abandoned == 1 && report.timed_out, "close did not report the abandoned delivery: {report:?}");
     Ok(())
 }
 
 async fn paused_broker(backend: &dyn Backend) -> anyhow::Result<()> {
-    let (ack_timeout, enqueue_timeout, close_timeout, window) = (
-        Duration::from_millis(1_000),
-        Duration::from_millis(300),
-        Duration::from_millis(800),
-        8,
-    );
+    let (ack_timeout, enqueue_timeout, close_timeout, window) =
+        (Duration::from_millis(1_000), Duration::from_millis(300), Duration::from_millis(800), 8);
     // One bus whose acks time out quickly, and one whose acks outlast its close deadline, so that close is what
     // settles them.
     let mut quick_acks = backend.config();
@@ -208,18 +154,9 @@ async fn paused_broker(backend: &dyn Backend) -> anyhow::Result<()> {
     slow_acks.publish.enqueue_timeout = enqueue_timeout;
     slow_acks.publish.window = window;
     slow_acks.close_timeout = close_timeout;
-    let (quick, slow) = (
-        backend.connect(quick_acks).await?,
-        backend.connect(slow_acks).await?,
-    );
-    let (Some(quick_faults), Some(slow_faults)) = (quick.faults.clone(), slow.faults.clone())
-    else {
-        not_run(
-            backend,
-            SUITE,
-            "paused-broker",
-            "the backend offers no fault injection",
-        );
+    let (quick, slow) = (backend.connect(quick_acks).await?, backend.connect(slow_acks).await?);
+    let (Some(quick_faults), Some(slow_faults)) = (quick.faults.clone(), slow.faults.clone()) else {
+        not_run(backend, SUITE, "paused-broker", "the backend offers no fault injection");
         quick.bus.close().await;
         slow.bus.close().await;
         return Ok(());
@@ -258,13 +195,8 @@ async fn paused_broker(backend: &dyn Backend) -> anyhow::Result<()> {
     let fresh = backend.connect(backend.config()).await?;
     let recorder = Arc::new(Recorder::default());
     let after = Workload::new("timeout-after-outage", 1, 3, 1);
-    let subscription = record_into(
-        &*fresh.bus,
-        &after.topics[0],
-        SubscribeOptions::group("g"),
-        recorder.clone(),
-    )
-    .await?;
+    let subscription =
+        record_into(&*fresh.bus, &after.topics[0], SubscribeOptions::group("g"), recorder.clone()).await?;
     let republished = after.publish(fresh.bus.clone()).await;
     let recovered = recorder.wait_for(after.total(), DELIVERY_DEADLINE).await;
     subscription.close().await;
@@ -286,41 +218,17 @@ async fn paused_broker(backend: &dyn Backend) -> anyhow::Result<()> {
             recorder.distinct(),
         ),
     );
-    ensure!(
-        matches!(outcome, Err(Error::AckTimeout(_))),
-        "expected an ack timeout, got {outcome:?}"
-    );
-    ensure!(
-        ack_failed_after <= ack_timeout + MARGIN,
-        "ack timeout took {ack_failed_after:?}"
-    );
-    ensure!(
-        matches!(overflow, Err(Error::Backpressure { .. })),
-        "expected backpressure, got {overflow:?}"
-    );
+    ensure!(matches!(outcome, Err(Error::AckTimeout(_))), "expected an ack timeout, got {outcome:?}");
+    ensure!(ack_failed_after <= ack_timeout + MARGIN, "ack timeout took {ack_failed_after:?}");
+    ensure!(matches!(overflow, Err(Error::Backpressure { .. })), "expected backpressure, got {overflow:?}");
     ensure!(
         backpressure_after >= enqueue_timeout && backpressure_after <= enqueue_timeout + MARGIN,
         "backpressure after {backpressure_after:?}"
     );
-    ensure!(
-        close_took <= close_timeout + MARGIN,
-        "close took {close_took:?}"
-    );
-    ensure!(
-        report.unacked.len() == window,
-        "close reported {} unacked of {window}",
-        report.unacked.len()
-    );
-    ensure!(
-        settled
-            .iter()
-            .all(|r| matches!(r, Err(Error::ClosedBeforeAck))),
-        "receipts: {settled:?}"
-    );
-    ensure!(
-        republished.failed == 0 && recovered,
-        "a new bus did not work after the outage"
-    );
+    ensure!(close_took <= close_timeout + MARGIN, "close took {close_took:?}");
+    ensure!(report.unacked.len() == window, "close reported {} unacked of {window}", report.unacked.len());
+    ensure!(settled.iter().all(|r| matches!(r, Err(Error::ClosedBeforeAck))), "receipts: {settled:?}");
+    ensure!(republished.failed == 0 && recovered, "a new bus did not work after the outage");
     Ok(())
 }
 
@@ -337,10 +245,7 @@ async fn unreachable(backend: &dyn Backend, mut config: eventbus::BusConfig) -> 
         "unreachable-broker",
         format_args!("connect_timeout={connect_timeout:?} failed_after={took:?} error={error:?}"),
     );
-    ensure!(
-        matches!(outcome, Err(Error::Connect { .. })),
-        "expected a connect error, got {error:?}"
-    );
+    ensure!(matches!(outcome, Err(Error::Connect { .. })), "expected a connect error, got {error:?}");
     ensure!(took <= connect_timeout + MARGIN, "connect took {took:?}");
     Ok(())
 }

@@ -85,17 +85,12 @@ impl Default for BusConfig {
 impl BusConfig {
     /// The default configuration pointed at `url`.
     pub fn from_url(url: impl Into<String>) -> Self {
-        Self {
-            url: url.into(),
-            ..Self::default()
-        }
+        Self { url: url.into(), ..Self::default() }
     }
 
     /// The scheme of [`BusConfig::url`] (`memory`, `nats`, `kafka`, ...).
     pub fn scheme(&self) -> &str {
-        self.url
-            .split_once("://")
-            .map_or(self.url.as_str(), |(scheme, _)| scheme)
+        self.url.split_once("://").map_or(self.url.as_str(), |(scheme, _)| scheme)
     }
 
     /// Checks every limit and name; backends call this before they connect.
@@ -187,25 +182,17 @@ pub struct SubscribeConfig {
 
 impl Default for SubscribeConfig {
     fn default() -> Self {
-        Self {
-            concurrency: 16,
-            max_in_flight: 1024,
-            handler_timeout: Duration::from_secs(30),
-        }
+        Self { concurrency: 16, max_in_flight: 1024, handler_timeout: Duration::from_secs(30) }
     }
 }
 
 impl SubscribeConfig {
     fn validate(&self, at: &str) -> Result<()> {
         if self.concurrency == 0 || self.max_in_flight == 0 {
-            return Err(Error::Config(format!(
-                "{at}.concurrency and {at}.max_in_flight must be at least 1"
-            )));
+            return Err(Error::Config(format!("{at}.concurrency and {at}.max_in_flight must be at least 1")));
         }
         if self.handler_timeout.is_zero() {
-            return Err(Error::Config(format!(
-                "{at}.handler_timeout must be greater than zero"
-            )));
+            return Err(Error::Config(format!("{at}.handler_timeout must be greater than zero")));
         }
         Ok(())
     }
@@ -245,29 +232,19 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// The wait after failed attempt number `attempt` (1-based).
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let factor = self
-            .multiplier
-            .powi(attempt.saturating_sub(1).min(64) as i32);
-        self.initial_backoff
-            .mul_f64(factor.min(1e9))
-            .min(self.max_backoff)
+        let factor = self.multiplier.powi(attempt.saturating_sub(1).min(64) as i32);
+        self.initial_backoff.mul_f64(factor.min(1e9)).min(self.max_backoff)
     }
 
     fn validate(&self, at: &str) -> Result<()> {
         if self.max_attempts == 0 {
-            return Err(Error::Config(format!(
-                "{at}.max_attempts must be at least 1"
-            )));
+            return Err(Error::Config(format!("{at}.max_attempts must be at least 1")));
         }
         if !(self.multiplier >= 1.0 && self.multiplier.is_finite()) {
-            return Err(Error::Config(format!(
-                "{at}.multiplier must be a finite number ≥ 1"
-            )));
+            return Err(Error::Config(format!("{at}.multiplier must be a finite number ≥ 1")));
         }
         if self.max_backoff < self.initial_backoff {
-            return Err(Error::Config(format!(
-                "{at}.max_backoff must not be below {at}.initial_backoff"
-            )));
+            return Err(Error::Config(format!("{at}.max_backoff must not be below {at}.initial_backoff")));
         }
         Ok(())
     }
@@ -286,10 +263,7 @@ pub struct DeadLetterConfig {
 
 impl Default for DeadLetterConfig {
     fn default() -> Self {
-        Self {
-            enabled: true,
-            topic: "{topic}.dlq".to_owned(),
-        }
+        Self { enabled: true, topic: "{topic}.dlq".to_owned() }
     }
 }
 
@@ -313,10 +287,7 @@ pub struct MemoryConfig {
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        Self {
-            history: 10_000,
-            max_payload: 1024 * 1024,
-        }
+        Self { history: 10_000, max_payload: 1024 * 1024 }
     }
 }
 
@@ -327,8 +298,7 @@ mod tests {
     #[test]
     fn durations_read_as_human_strings_and_unknown_fields_are_rejected() {
         let c: BusConfig =
-            serde_json::from_str(r#"{"close_timeout":"1m 30s","retry":{"max_backoff":"250ms"}}"#)
-                .unwrap();
+            serde_json::from_str(r#"{"close_timeout":"1m 30s","retry":{"max_backoff":"250ms"}}"#).unwrap();
         assert_eq!(c.close_timeout, Duration::from_secs(90));
         assert_eq!(c.retry.max_backoff, Duration::from_millis(250));
         let err = serde_json::from_str::<BusConfig>(r#"{"publish":{"windw":3}}"#).unwrap_err();
@@ -340,18 +310,10 @@ mod tests {
         BusConfig::default().validate().unwrap();
         let mut c = BusConfig::default();
         c.publish.window = 0;
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("publish.window"));
+        assert!(c.validate().unwrap_err().to_string().contains("publish.window"));
         let mut c = BusConfig::default();
         c.dead_letter.topic = "bad topic".into();
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("dead_letter.topic"));
+        assert!(c.validate().unwrap_err().to_string().contains("dead_letter.topic"));
     }
 
     #[test]
@@ -368,10 +330,7 @@ mod tests {
 
     #[test]
     fn scheme_selects_backend() {
-        assert_eq!(
-            BusConfig::from_url("nats://localhost:4222").scheme(),
-            "nats"
-        );
+        assert_eq!(BusConfig::from_url("nats://localhost:4222").scheme(), "nats");
         assert_eq!(BusConfig::default().scheme(), "memory");
     }
 }

@@ -84,10 +84,7 @@ pub struct ReconnectConfig {
 
 impl Default for ReconnectConfig {
     fn default() -> Self {
-        Self {
-            max_attempts: None,
-            max_delay: Duration::from_secs(2),
-        }
+        Self { max_attempts: None, max_delay: Duration::from_secs(2) }
     }
 }
 

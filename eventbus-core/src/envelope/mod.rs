@@ -105,10 +105,7 @@ pub struct Envelope {
 
 impl Envelope {
     /// Starts an envelope for `aggregate_id` with the given `event_type`, version 1 and a fresh id and timestamp.
-    pub fn builder(
-        aggregate_id: impl Into<String>,
-        event_type: impl Into<String>,
-    ) -> EnvelopeBuilder {
+    pub fn builder(aggregate_id: impl Into<String>, event_type: impl Into<String>) -> EnvelopeBuilder {
         EnvelopeBuilder {
             envelope: Envelope {
                 event_id: EventId::new(),

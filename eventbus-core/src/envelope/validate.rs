@@ -22,9 +22,7 @@ pub enum ValidationError {
         len: usize,
     },
     /// `aggregate_id` holds a character outside `[A-Za-z0-9:_\-./]`.
-    #[error(
-        "aggregate_id has {character:?} at byte {position}; only A-Z a-z 0-9 : _ - . / are allowed"
-    )]
+    #[error("aggregate_id has {character:?} at byte {position}; only A-Z a-z 0-9 : _ - . / are allowed")]
     AggregateIdCharacter {
         /// The rejected character.
         character: char,
@@ -100,9 +98,7 @@ pub(super) fn validate_envelope(envelope: &Envelope) -> Result<(), ValidationErr
         ("tenant_id", &envelope.tenant_id),
     ] {
         if value.as_deref().is_some_and(has_control) {
-            return Err(ValidationError::ControlCharacterInValue {
-                field: field.into(),
-            });
+            return Err(ValidationError::ControlCharacterInValue { field: field.into() });
         }
     }
     for (name, value) in &envelope.headers {
@@ -113,9 +109,7 @@ pub(super) fn validate_envelope(envelope: &Envelope) -> Result<(), ValidationErr
             return Err(ValidationError::InvalidHeaderName { name: name.clone() });
         }
         if has_control(value) {
-            return Err(ValidationError::ControlCharacterInValue {
-                field: format!("header {name:?}"),
-            });
+            return Err(ValidationError::ControlCharacterInValue { field: format!("header {name:?}") });
         }
     }
     Ok(())
@@ -128,14 +122,10 @@ fn validate_aggregate_id(id: &str) -> Result<(), ValidationError> {
     if id.len() > MAX_AGGREGATE_ID_LEN {
         return Err(ValidationError::AggregateIdTooLong { len: id.len() });
     }
-    if let Some((position, character)) = id
-        .char_indices()
-        .find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '-' | '.' | '/')))
+    if let Some((position, character)) =
+        id.char_indices().find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '-' | '.' | '/')))
     {
-        return Err(ValidationError::AggregateIdCharacter {
-            character,
-            position,
-        });
+        return Err(ValidationError::AggregateIdCharacter { character, position });
     }
     Ok(())
 }
@@ -148,22 +138,14 @@ fn has_control(value: &str) -> bool {
 /// without `..`. The rule is the intersection of what NATS subjects and Kafka topics accept, so a topic name
 /// means the same on every backend.
 pub fn validate_topic(topic: &str) -> Result<(), ValidationError> {
-    let invalid = |reason| {
-        Err(ValidationError::InvalidTopic {
-            topic: topic.to_owned(),
-            reason,
-        })
-    };
+    let invalid = |reason| Err(ValidationError::InvalidTopic { topic: topic.to_owned(), reason });
     if topic.is_empty() {
         return invalid("it is empty");
     }
     if topic.len() > MAX_TOPIC_LEN {
         return invalid("it is longer than 200 bytes");
     }
-    if !topic
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-    {
+    if !topic.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) {
         return invalid("only A-Z a-z 0-9 _ - . are allowed");
     }
     if topic.starts_with('.') || topic.ends_with('.') || topic.contains("..") {
@@ -177,50 +159,27 @@ mod tests {
     use super::*;
 
     fn valid() -> Envelope {
-        Envelope::builder("order-1", "Placed")
-            .payload("x")
-            .build()
-            .unwrap()
+        Envelope::builder("order-1", "Placed").payload("x").build().unwrap()
     }
 
     #[test]
     fn each_rule_has_its_own_error() {
         type BreakRule = Box<dyn Fn(&mut Envelope)>;
         let cases: Vec<(BreakRule, ValidationError)> = vec![
-            (
-                Box::new(|e| e.aggregate_id.clear()),
-                ValidationError::EmptyAggregateId,
-            ),
-            (
-                Box::new(|e| e.aggregate_id = "a".repeat(257)),
-                ValidationError::AggregateIdTooLong { len: 257 },
-            ),
+            (Box::new(|e| e.aggregate_id.clear()), ValidationError::EmptyAggregateId),
+            (Box::new(|e| e.aggregate_id = "a".repeat(257)), ValidationError::AggregateIdTooLong { len: 257 }),
             (
                 Box::new(|e| e.aggregate_id = "ord er".into()),
-                ValidationError::AggregateIdCharacter {
-                    character: ' ',
-                    position: 3,
-                },
+                ValidationError::AggregateIdCharacter { character: ' ', position: 3 },
             ),
-            (
-                Box::new(|e| e.event_type.clear()),
-                ValidationError::EmptyEventType,
-            ),
-            (
-                Box::new(|e| e.event_version = 0),
-                ValidationError::ZeroVersion,
-            ),
-            (
-                Box::new(|e| e.payload = Default::default()),
-                ValidationError::EmptyPayload,
-            ),
+            (Box::new(|e| e.event_type.clear()), ValidationError::EmptyEventType),
+            (Box::new(|e| e.event_version = 0), ValidationError::ZeroVersion),
+            (Box::new(|e| e.payload = Default::default()), ValidationError::EmptyPayload),
             (
                 Box::new(|e| {
                     e.headers.insert("Event-Id".into(), "x".into());
                 }),
-                ValidationError::ReservedHeader {
-                    name: "Event-Id".into(),
-                },
+                ValidationError::ReservedHeader { name: "Event-Id".into() },
             ),
         ];
         for (break_rule, expected) in cases {
@@ -244,17 +203,7 @@ mod tests {
         for ok in ["orders", "orders.v1", "a-b_c", "T"] {
             assert_eq!(validate_topic(ok), Ok(()), "{ok}");
         }
-        for bad in [
-            "",
-            ".a",
-            "a.",
-            "a..b",
-            "a b",
-            "a*",
-            "a>",
-            "ü",
-            &"t".repeat(201),
-        ] {
+        for bad in ["", ".a", "a.", "a..b", "a b", "a*", "a>", "ü", &"t".repeat(201)] {
             assert!(validate_topic(bad).is_err(), "{bad}");
         }
     }

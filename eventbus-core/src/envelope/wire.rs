@@ -45,25 +45,13 @@ pub const DEAD_LETTER_ATTEMPTS: &str = "dead-letter-attempts";
 pub const DEAD_LETTER_TOPIC: &str = "dead-letter-topic";
 
 /// Every metadata header name; user headers may not use them.
-pub const RESERVED_HEADERS: [&str; 8] = [
-    EVENT_ID,
-    AGGREGATE_ID,
-    EVENT_TYPE,
-    EVENT_VERSION,
-    EVENT_TIMESTAMP,
-    TRACE_ID,
-    CORRELATION_ID,
-    TENANT_ID,
-];
+pub const RESERVED_HEADERS: [&str; 8] =
+    [EVENT_ID, AGGREGATE_ID, EVENT_TYPE, EVENT_VERSION, EVENT_TIMESTAMP, TRACE_ID, CORRELATION_ID, TENANT_ID];
 
 /// Whether a user header named `name` would collide with the bus's metadata or the broker's own headers.
 pub fn is_reserved(name: &str) -> bool {
-    RESERVED_HEADERS
-        .iter()
-        .any(|r| r.eq_ignore_ascii_case(name))
-        || name
-            .get(..5)
-            .is_some_and(|p| p.eq_ignore_ascii_case("nats-"))
+    RESERVED_HEADERS.iter().any(|r| r.eq_ignore_ascii_case(name))
+        || name.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("nats-"))
 }
 
 /// A message as it travels on a broker: headers and raw body.
@@ -78,18 +66,12 @@ pub struct WireMessage {
 impl WireMessage {
     /// Decodes this message into an [`Envelope`].
     pub fn decode(&self) -> Result<Envelope, DecodeError> {
-        decode(
-            self.headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
-            self.payload.clone(),
-        )
+        decode(self.headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())), self.payload.clone())
     }
 
     /// The value of the first header named `name` (ignoring case).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     /// Sets `name` to `value`, replacing any header of that name (ignoring case).
@@ -130,24 +112,16 @@ pub fn encode(envelope: &Envelope) -> WireMessage {
     headers.push((AGGREGATE_ID.to_owned(), envelope.aggregate_id.clone()));
     headers.push((EVENT_TYPE.to_owned(), envelope.event_type.clone()));
     headers.push((EVENT_VERSION.to_owned(), envelope.event_version.to_string()));
-    headers.push((
-        EVENT_TIMESTAMP.to_owned(),
-        format_timestamp(envelope.timestamp),
-    ));
-    for (name, value) in [
-        (TRACE_ID, &envelope.trace_id),
-        (CORRELATION_ID, &envelope.correlation_id),
-        (TENANT_ID, &envelope.tenant_id),
-    ] {
+    headers.push((EVENT_TIMESTAMP.to_owned(), format_timestamp(envelope.timestamp)));
+    for (name, value) in
+        [(TRACE_ID, &envelope.trace_id), (CORRELATION_ID, &envelope.correlation_id), (TENANT_ID, &envelope.tenant_id)]
+    {
         if let Some(value) = value {
             headers.push((name.to_owned(), value.clone()));
         }
     }
     headers.extend(envelope.headers.iter().map(|(n, v)| (n.clone(), v.clone())));
-    WireMessage {
-        headers,
-        payload: envelope.payload.clone(),
-    }
+    WireMessage { headers, payload: envelope.payload.clone() }
 }
 
 /// Decodes headers and a raw payload into an [`Envelope`]. Never panics: every defect is a [`DecodeError`]
@@ -159,16 +133,11 @@ where
     let mut fields: [Option<&'a [u8]>; 8] = [None; 8];
     let mut user = std::collections::BTreeMap::new();
     for (name, value) in headers {
-        if let Some(slot) = RESERVED_HEADERS
-            .iter()
-            .position(|r| r.eq_ignore_ascii_case(name))
-        {
+        if let Some(slot) = RESERVED_HEADERS.iter().position(|r| r.eq_ignore_ascii_case(name)) {
             fields[slot].get_or_insert(value);
         } else if !is_reserved(name) {
-            let value = text(name, value).map_err(|reason| DecodeError::MalformedHeader {
-                name: "user header",
-                reason,
-            })?;
+            let value =
+                text(name, value).map_err(|reason| DecodeError::MalformedHeader { name: "user header", reason })?;
             user.insert(name.to_owned(), value.to_owned());
         }
     }
@@ -183,26 +152,16 @@ where
             Some(_) => required(slot).map(|v| Some(v.to_owned())),
         }
     };
-    let malformed =
-        |name: &'static str, reason: String| DecodeError::MalformedHeader { name, reason };
+    let malformed = |name: &'static str, reason: String| DecodeError::MalformedHeader { name, reason };
 
-    let event_id = required(0)?
-        .parse::<EventId>()
-        .map_err(|e| malformed(EVENT_ID, format!("expected a UUID: {e}")))?;
+    let event_id = required(0)?.parse::<EventId>().map_err(|e| malformed(EVENT_ID, format!("expected a UUID: {e}")))?;
     let version = required(3)?;
-    let event_version = version.parse::<u64>().map_err(|_| {
-        malformed(
-            EVENT_VERSION,
-            format!("expected a positive integer, got {version:?}"),
-        )
-    })?;
+    let event_version = version
+        .parse::<u64>()
+        .map_err(|_| malformed(EVENT_VERSION, format!("expected a positive integer, got {version:?}")))?;
     let timestamp = required(4)?;
-    let timestamp = humantime::parse_rfc3339(timestamp).map_err(|e| {
-        malformed(
-            EVENT_TIMESTAMP,
-            format!("expected RFC 3339 UTC time, got {timestamp:?}: {e}"),
-        )
-    })?;
+    let timestamp = humantime::parse_rfc3339(timestamp)
+        .map_err(|e| malformed(EVENT_TIMESTAMP, format!("expected RFC 3339 UTC time, got {timestamp:?}: {e}")))?;
 
     let envelope = Envelope {
         event_id,
@@ -229,17 +188,12 @@ pub(crate) const MAX_TIMESTAMP: Duration = Duration::new(253_402_300_799, 999_99
 
 /// Whether `timestamp` can be written as an RFC 3339 time (between 1970 and the end of year 9999).
 pub(crate) fn timestamp_in_range(timestamp: SystemTime) -> bool {
-    timestamp
-        .duration_since(UNIX_EPOCH)
-        .is_ok_and(|since| since <= MAX_TIMESTAMP)
+    timestamp.duration_since(UNIX_EPOCH).is_ok_and(|since| since <= MAX_TIMESTAMP)
 }
 
 fn format_timestamp(timestamp: SystemTime) -> String {
     // Validation keeps timestamps inside the RFC 3339 range; clamp anyway so encoding can never panic.
-    let since = timestamp
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .min(MAX_TIMESTAMP);
+    let since = timestamp.duration_since(UNIX_EPOCH).unwrap_or_default().min(MAX_TIMESTAMP);
     humantime::format_rfc3339_nanos(UNIX_EPOCH + since).to_string()
 }
 
@@ -320,25 +274,16 @@ mod tests {
         let e = Envelope::builder("a-1", "T").payload("p").build().unwrap();
         let mut wire = encode(&e);
         wire.headers.retain(|(n, _)| n != EVENT_TYPE);
-        assert_eq!(
-            wire.decode(),
-            Err(DecodeError::MissingHeader { name: EVENT_TYPE })
-        );
+        assert_eq!(wire.decode(), Err(DecodeError::MissingHeader { name: EVENT_TYPE }));
 
         let mut wire = encode(&e);
         wire.set_header(EVENT_VERSION, "seven");
         let err = wire.decode().unwrap_err();
-        assert!(
-            err.to_string().contains("event-version is malformed"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("event-version is malformed"), "{err}");
 
         let mut wire = encode(&e);
         wire.set_header(EVENT_VERSION, "0");
-        assert_eq!(
-            wire.decode(),
-            Err(DecodeError::Invalid(ValidationError::ZeroVersion))
-        );
+        assert_eq!(wire.decode(), Err(DecodeError::Invalid(ValidationError::ZeroVersion)));
     }
 
     #[test]
@@ -348,8 +293,7 @@ mod tests {
         for (name, _) in &mut wire.headers {
             *name = name.to_uppercase();
         }
-        wire.headers
-            .push(("Nats-Msg-Id".into(), e.event_id.to_string()));
+        wire.headers.push(("Nats-Msg-Id".into(), e.event_id.to_string()));
         assert_eq!(wire.decode(), Ok(e));
     }
 }
