@@ -9,7 +9,6 @@
 //! The worker count is fixed by configuration; no task is spawned per message.
 
 use std::any::Any;
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -52,11 +51,11 @@ pub enum Message {
 }
 
 impl Message {
-    fn key(&self) -> Arc<str> {
+    fn key(&self) -> &str {
         match self {
-            Message::Event(envelope) => Arc::from(envelope.aggregate_id.as_str()),
+            Message::Event(envelope) => &envelope.aggregate_id,
             // Undecodable messages have no trustworthy aggregate; they share one key of their own.
-            Message::Undecodable { .. } => Arc::from(""),
+            Message::Undecodable { .. } => "",
         }
     }
 }
@@ -159,26 +158,29 @@ impl Dispatcher {
         let Ok(permit) = self.shared.capacity.clone().acquire_owned().await else {
             return;
         };
-        let key = delivery.message.key();
         let queued = Queued { delivery, attempts: 0, _permit: permit };
         // A key has a queue exactly while it is scheduled: waiting in the ready channel or held by a worker.
         // Only a key without one is sent to the ready channel, so no two workers ever hold the same key.
-        let newly_ready = match lock(&self.shared.queues).entry(key.clone()) {
-            Entry::Occupied(mut queue) => {
-                queue.get_mut().push_back(queued);
-                false
-            }
-            Entry::Vacant(slot) => {
-                slot.insert(VecDeque::from([queued]));
-                true
+        let newly_ready = {
+            let mut queues = lock(&self.shared.queues);
+            match queues.get_mut(queued.delivery.message.key()) {
+                Some(queue) => {
+                    queue.push_back(queued);
+                    None
+                }
+                None => {
+                    let key: Arc<str> = Arc::from(queued.delivery.message.key());
+                    queues.insert(key.clone(), VecDeque::from([queued]));
+                    Some(key)
+                }
             }
         };
-        if newly_ready {
+        if let Some(key) = newly_ready {
             let _ = self.shared.ready_tx.try_send(key);
         }
     }
 
-    /// Deliveries queued or being handled.
+    /// Deliveries queued, not counting those a worker is handling.
     pub fn pending(&self) -> usize {
         lock(&self.shared.queues).values().map(VecDeque::len).sum()
     }
@@ -325,7 +327,9 @@ impl Worker {
                 Ok(Err(panic)) => format!("handler panicked: {}", panic_message(&*panic)),
                 Ok(Ok(outcome)) => match outcome {
                     Ok(()) => {
-                        let delivery = held.item.take().expect("a held delivery").delivery;
+                        // The capacity permit is kept until the ack is sent, so at most `capacity` deliveries
+                        // are ever unacked.
+                        let Queued { delivery, _permit, .. } = held.item.take().expect("a held delivery");
                         if let Err(error) = delivery.acker.ack().await {
                             tracing::warn!(topic = %self.shared.topic, %error, "ack failed; the broker will redeliver");
                         } else {
@@ -387,7 +391,7 @@ impl Worker {
             }
             bump(&self.shared.counters.dead_lettered);
         }
-        let delivery = held.item.take().expect("a held delivery").delivery;
+        let Queued { delivery, _permit, .. } = held.item.take().expect("a held delivery");
         if let Err(error) = delivery.acker.terminate().await {
             tracing::warn!(topic = %self.shared.topic, %error, "ack after dead-lettering failed");
         }

@@ -49,7 +49,8 @@ pub enum Error {
     /// The broker did not ack within the ack deadline. The event may or may not be stored.
     #[error(
         "no ack from the broker within {0:?} (publish.ack_timeout); the event may or may not be stored. \
-         Re-send it with the same event id: backends de-duplicate by id"
+         Re-send it if it must be stored: NATS drops a re-send with the same event id within its duplicate \
+         window; elsewhere consumers may see it twice and can drop it by event id"
     )]
     AckTimeout(Duration),
 

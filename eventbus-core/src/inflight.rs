@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,6 +52,8 @@ pub struct PublishWindow {
     enqueue_timeout: Duration,
     ack_timeout: Duration,
     closed: AtomicBool,
+    /// Publishes in flight when close began (the semaphore cannot tell once close holds the free slots).
+    pending_at_close: AtomicU64,
     pending: mpsc::UnboundedSender<(Pending, AckFuture)>,
     results: Option<mpsc::Sender<PublishResult>>,
     results_receiver: std::sync::Mutex<Option<PublishResults>>,
@@ -83,6 +85,7 @@ impl PublishWindow {
             enqueue_timeout: config.enqueue_timeout,
             ack_timeout: config.ack_timeout,
             closed: AtomicBool::new(false),
+            pending_at_close: AtomicU64::new(0),
             pending,
             results,
             results_receiver: std::sync::Mutex::new(results_receiver),
@@ -132,7 +135,11 @@ impl PublishWindow {
         if let Some(result) = (&mut ack).now_or_never() {
             record(&self.counters, &result);
             if let (Some(results), Some(aggregate_id)) = (&self.results, aggregate_id) {
-                report(results, event_id, topic, aggregate_id, &result).await;
+                tokio::select! {
+                    _ = report(results, event_id, topic, aggregate_id, &result) => {}
+                    // A reader that stopped reading must not hold publishers past close().
+                    _ = self.give_up.cancelled() => {}
+                }
             }
             drop(slot);
             return PublishReceipt::settled(event_id, result);
@@ -156,6 +163,10 @@ impl PublishWindow {
 
     /// Publishes awaiting an ack right now.
     pub fn in_flight(&self) -> u64 {
+        if self.closed.load(Ordering::Acquire) {
+            // close() holds every free slot while it waits; what is in flight then is what it waits for.
+            return self.pending_at_close.load(Ordering::Relaxed);
+        }
         (self.size - self.slots.available_permits()) as u64
     }
 
@@ -166,20 +177,32 @@ impl PublishWindow {
 
     /// Refuses new publishes, then waits until `deadline` for every pending ack. Acks still pending then are
     /// settled with [`Error::ClosedBeforeAck`] and their ids returned. Idempotent.
+    ///
+    /// A publish that was between [`reserve`](Self::reserve) and [`submit`](Self::submit) when the deadline
+    /// passed settles with [`Error::ClosedBeforeAck`] too, but is not in the returned list. Cancel-safe: if the
+    /// returned future is dropped, a later call picks up where it stopped.
     pub async fn close(&self, deadline: Instant) -> Vec<EventId> {
+        if !self.closed.load(Ordering::Acquire) {
+            self.pending_at_close.store(self.in_flight(), Ordering::Relaxed);
+        }
         self.closed.store(true, Ordering::Release);
         let mut collector = self.collector.lock().await;
-        let Some(handle) = collector.take() else {
+        if collector.is_none() {
             return Vec::new();
-        };
+        }
         // Every slot back means every accepted publish has settled.
-        let all_settled = tokio::time::timeout_at(deadline, self.slots.acquire_many(self.size as u32)).await;
+        let size = u32::try_from(self.size).unwrap_or(u32::MAX);
+        let all_settled = tokio::time::timeout_at(deadline, self.slots.acquire_many(size)).await;
         if let Ok(Ok(permits)) = all_settled {
             permits.forget();
         }
         self.give_up.cancel();
         self.slots.close();
-        let abandoned = handle.await.unwrap_or_default();
+        let abandoned = match collector.take() {
+            Some(handle) => handle.await.unwrap_or_default(),
+            None => Vec::new(),
+        };
+        self.pending_at_close.store(0, Ordering::Relaxed);
         self.finished.cancel();
         abandoned
     }

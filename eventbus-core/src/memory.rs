@@ -135,7 +135,7 @@ impl MemoryBus {
                 counters,
                 window,
                 topics: Mutex::new(HashMap::new()),
-                subscriptions: SubscriptionRegistry::default(),
+                subscriptions: SubscriptionRegistry::new(),
                 closed: AtomicBool::new(false),
                 health: Mutex::new(Health::new(ConnectionState::Connected)),
                 close_report: tokio::sync::Mutex::new(None),
@@ -158,7 +158,8 @@ impl MemoryBus {
 
     /// Simulates a broker outage, for tests of code that must survive one: until [`resume`](Self::resume),
     /// publishes are accepted into the window but not acked (so they time out after `publish.ack_timeout`
-    /// and fill the window), nothing is delivered, and `health()` reports [`ConnectionState::Reconnecting`].
+    /// and fill the window), nothing more is fetched for any group (deliveries already queued in a group's
+    /// dispatcher are still handled), and `health()` reports [`ConnectionState::Reconnecting`].
     pub fn pause(&self) {
         let outage = &self.inner.outage;
         let mut held = lock(&outage.held);
@@ -267,7 +268,16 @@ impl Topic {
             let trim = log.appends_since_trim >= TRIM_EVERY && log.entries.len() > config.memory.history;
             (offset, trim)
         };
-        self.end.send_replace(offset + 1);
+        // Appends release the log lock before announcing their end, so announcements can arrive out of order;
+        // only ever move the announced end forward.
+        let end = offset + 1;
+        self.end.send_if_modified(|announced| {
+            let grows = end > *announced;
+            if grows {
+                *announced = end;
+            }
+            grows
+        });
         if trim {
             self.trim(config.memory.history);
         }
@@ -397,6 +407,10 @@ async fn fetch(
             continue;
         }
         for (offset, stored) in batch.drain(..) {
+            if *paused.borrow() {
+                // The rest of the batch is fetched again after the outage.
+                break;
+            }
             let message = match stored {
                 Stored::Event(envelope) => Message::Event(envelope),
                 Stored::Raw(wire) => match wire.decode() {
@@ -512,7 +526,7 @@ impl EventBus for MemoryBus {
         );
         control.with_tasks(|tasks| group.dispatcher.spawn_workers(tasks, handler, settings, stop, abandoned));
         control.hold(group.join(&topic, inner.outage.delivery.subscribe()));
-        Ok(inner.subscriptions.register(control))
+        inner.subscriptions.register(control)
     }
 
     fn publish_results(&self) -> Option<PublishResults> {

@@ -9,6 +9,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::{Error, Result};
+
 /// A live subscription. Close it with [`close`](Self::close) to let running handlers finish; dropping it
 /// stops it at once (a delivery whose handler was cut short is not acked, so it is delivered again).
 /// [`detach`](Self::detach) keeps it running until the bus closes.
@@ -169,29 +171,46 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The subscriptions of one bus, so `close()` can close them all and dropping the bus aborts them all.
-#[derive(Default)]
 pub struct SubscriptionRegistry {
-    controls: Mutex<Vec<Arc<SubscriptionControl>>>,
+    /// `None` once the bus is closing: no subscription may be added after `close_all` took the list.
+    controls: Mutex<Option<Vec<Arc<SubscriptionControl>>>>,
+}
+
+impl Default for SubscriptionRegistry {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl SubscriptionRegistry {
-    /// Registers a control and returns the user's handle to it.
-    pub fn register(&self, control: SubscriptionControl) -> Subscription {
+    /// A registry accepting subscriptions.
+    pub fn new() -> Self {
+        Self { controls: Mutex::new(Some(Vec::new())) }
+    }
+
+    /// Registers a control and returns the user's handle to it. Fails with [`Error::Closed`] (and stops the
+    /// control) when the bus began closing while the subscription was being set up.
+    pub fn register(&self, control: SubscriptionControl) -> Result<Subscription> {
         let control = Arc::new(control);
         let mut controls = lock(&self.controls);
+        let Some(controls) = controls.as_mut() else {
+            control.abort();
+            return Err(Error::Closed);
+        };
         controls.retain(|c| !c.is_closed());
         controls.push(control.clone());
-        Subscription::new(control)
+        Ok(Subscription::new(control))
     }
 
     /// Subscriptions not yet closed.
     pub fn live(&self) -> usize {
-        lock(&self.controls).iter().filter(|c| !c.is_closed()).count()
+        lock(&self.controls).as_ref().map_or(0, |controls| controls.iter().filter(|c| !c.is_closed()).count())
     }
 
-    /// Closes every subscription concurrently, all by `deadline`; returns the summed report.
+    /// Refuses further subscriptions and closes every one registered, concurrently, all by `deadline`;
+    /// returns the summed report.
     pub async fn close_all(&self, deadline: Instant) -> SubscriptionReport {
-        let controls = std::mem::take(&mut *lock(&self.controls));
+        let controls = lock(&self.controls).take().unwrap_or_default();
         let reports = futures_util::future::join_all(controls.iter().map(|c| c.close(deadline))).await;
         reports.into_iter().fold(SubscriptionReport::default(), |sum, r| SubscriptionReport {
             abandoned: sum.abandoned + r.abandoned,
@@ -199,9 +218,9 @@ impl SubscriptionRegistry {
         })
     }
 
-    /// Aborts every subscription at once (used when a bus is dropped without close).
+    /// Aborts every subscription at once and refuses further ones (used when a bus is dropped without close).
     pub fn abort_all(&self) {
-        for control in std::mem::take(&mut *lock(&self.controls)) {
+        for control in lock(&self.controls).take().unwrap_or_default() {
             control.abort();
         }
     }

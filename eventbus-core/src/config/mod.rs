@@ -34,6 +34,9 @@ use serde::{Deserialize, Serialize};
 use crate::envelope::validate_topic;
 use crate::{Error, Result};
 
+/// Largest accepted `publish.window`.
+pub const MAX_WINDOW: usize = 1 << 20;
+
 /// Everything a bus needs to start. Start from [`BusConfig::default`] (the in-memory backend) or
 /// [`BusConfig::from_url`], then adjust fields.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -108,8 +111,8 @@ impl BusConfig {
                 self.url
             )));
         }
-        if self.publish.window == 0 {
-            return Err(Error::Config("publish.window must be at least 1".into()));
+        if !(1..=MAX_WINDOW).contains(&self.publish.window) {
+            return Err(Error::Config(format!("publish.window must be between 1 and {MAX_WINDOW}")));
         }
         positive("publish.enqueue_timeout", self.publish.enqueue_timeout)?;
         positive("publish.ack_timeout", self.publish.ack_timeout)?;
