@@ -12,9 +12,7 @@
 # (the caller decides whether that is fatal).
 set -euo pipefail
 
-NATS_VERSION=2.9.10
 NATS_BIN=/usr/sbin/nats-server
-NATS_IMAGE=eventbus-local/nats:${NATS_VERSION}
 
 print_env=0
 case "${1:-}" in
@@ -61,10 +59,7 @@ ensure_nats_package() {
 }
 
 build_nats_image() {
-    local version ctx lib
-    version=$("$NATS_BIN" --version | sed -n 's/^nats-server: v//p')
-    [ "$version" = "$NATS_VERSION" ] ||
-        die "$NATS_BIN is version '${version:-unknown}', expected $NATS_VERSION for tag $NATS_IMAGE"
+    local version=$1 ctx lib
 
     ctx=$(mktemp -d)
     # shellcheck disable=SC2064  # expand $ctx now
@@ -102,18 +97,17 @@ EOF
     trap - EXIT
 }
 
+# The image is tagged with the version of the packaged binary, whatever version the distribution ships.
+ensure_nats_package
+NATS_VERSION=$("$NATS_BIN" --version | sed -n 's/^nats-server: v//p')
+[ -n "$NATS_VERSION" ] || die "cannot read the version of $NATS_BIN"
+NATS_IMAGE=eventbus-local/nats:${NATS_VERSION}
 if docker image inspect "$NATS_IMAGE" >/dev/null 2>&1; then
     log "$NATS_IMAGE already present"
 else
-    ensure_nats_package
-    build_nats_image
+    build_nats_image "$NATS_VERSION"
     log "built $NATS_IMAGE"
 fi
-
-# --- Kafka protocol (tansu) -------------------------------------------------------------------------------
-# TODO(tansu): the Kafka-protocol broker image goes here, built the same way: skip when
-# `docker image inspect eventbus-local/tansu:<version>` succeeds, otherwise build it locally without a
-# registry, then add its `export EVENTBUS_KAFKA_IMAGE=...` line to the output below.
 
 # --- Output -----------------------------------------------------------------------------------------------
 

@@ -42,14 +42,35 @@ pub struct Connection {
 
 /// Capabilities a backend declares. A suite scenario that needs one the backend lacks is printed as not run,
 /// with the reason, and never counted as passed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Capabilities {
     /// A group subscribing for the first time receives the events the topic retained from before.
     pub history: bool,
     /// Largest payload the backend accepts, in bytes.
     pub max_payload: usize,
+    /// Events survive a broker restart ([`Faults::restart`] is offered and the storage is durable).
+    pub restart: bool,
+    /// When aggregates are grouped into partitions that are handled one message at a time, how: a slow
+    /// aggregate then holds back the aggregates of its partition, not only itself.
+    pub partitioning: Option<Partitioning>,
     /// Why the backend lacks each capability it lacks, for the printed report.
     pub notes: Vec<(&'static str, String)>,
+}
+
+/// How a backend groups aggregates into partitions.
+#[derive(Clone, Copy, Debug)]
+pub struct Partitioning {
+    /// Partitions per topic.
+    pub partitions: u16,
+    /// The partition of an aggregate id.
+    pub partition_of: fn(&str, u16) -> u16,
+}
+
+impl Partitioning {
+    /// Whether two aggregates share a partition.
+    pub fn shared(&self, a: &str, b: &str) -> bool {
+        (self.partition_of)(a, self.partitions) == (self.partition_of)(b, self.partitions)
+    }
 }
 
 /// Raw broker access for the suites.
@@ -71,4 +92,11 @@ pub trait Faults: Send + Sync {
 
     /// Ends the outage.
     async fn unpause(&self) -> anyhow::Result<()>;
+
+    /// Stops the broker, keeps it down for `down_for`, and starts it again with its stored data; returns once
+    /// it accepts connections.
+    async fn restart(&self, down_for: Duration) -> anyhow::Result<()> {
+        let _ = down_for;
+        anyhow::bail!("this backend cannot be restarted")
+    }
 }

@@ -24,11 +24,13 @@
 //! ```
 
 pub mod backend;
+pub mod fixture;
 pub mod harness;
 pub mod memory;
+pub mod nats;
 pub mod probe;
 pub mod recorder;
 pub mod suites;
 pub mod workload;
 
-pub use backend::{Backend, Capabilities, Connection, Faults, RawAccess};
+pub use backend::{Backend, Capabilities, Connection, Faults, Partitioning, RawAccess};

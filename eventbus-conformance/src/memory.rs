@@ -22,7 +22,12 @@ impl Backend for Memory {
         Capabilities {
             history: true,
             max_payload: BusConfig::default().memory.max_payload,
-            notes: vec![("unreachable_config", "the in-process backend has no address to be unreachable".to_owned())],
+            restart: false,
+            partitioning: None,
+            notes: vec![
+                ("unreachable_config", "the in-process backend has no address to be unreachable".to_owned()),
+                ("restart", "the in-process backend has no broker process to restart".to_owned()),
+            ],
         }
     }
 

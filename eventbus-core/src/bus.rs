@@ -395,6 +395,13 @@ pub struct Metrics {
     pub subscriptions: u64,
 }
 
+impl CloseReport {
+    /// A report of a close that left `unacked` publishes and `abandoned` deliveries.
+    pub fn new(unacked: Vec<EventId>, abandoned: usize, timed_out: bool, elapsed: Duration) -> Self {
+        Self { unacked, abandoned, timed_out, elapsed }
+    }
+}
+
 /// What [`EventBus::close`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]

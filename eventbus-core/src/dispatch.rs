@@ -10,6 +10,7 @@
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -72,8 +73,18 @@ pub trait Acker: Send + Sync + 'static {
         self.ack().await
     }
 
-    /// Tells the broker the message is still being worked on (before each retry), so a redelivery timer does
-    /// not fire while the message is retried in place. Defaults to nothing.
+    /// Hands the message back unhandled (its subscription closed before handling it), so the broker can
+    /// deliver it to another member at once. Defaults to nothing: the broker redelivers it in its own time.
+    async fn release(self: Box<Self>) {}
+
+    /// How often to tell the broker, while the message is handled or waits for a retry, that it is still being
+    /// worked on ([`in_progress`](Self::in_progress)). `None` (the default) for brokers without a redelivery
+    /// timer.
+    fn progress_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Tells the broker the message is still being worked on, so its redelivery timer starts again.
     async fn in_progress(&self) {}
 }
 
@@ -180,6 +191,12 @@ impl Dispatcher {
         }
     }
 
+    /// Takes every queued delivery out, in key order, for a closing subscription to hand back to the broker.
+    pub fn take_queued(&self) -> Vec<Delivery> {
+        let queues = std::mem::take(&mut *lock(&self.shared.queues));
+        queues.into_values().flatten().map(|queued| queued.delivery).collect()
+    }
+
     /// Deliveries queued, not counting those a worker is handling.
     pub fn pending(&self) -> usize {
         lock(&self.shared.queues).values().map(VecDeque::len).sum()
@@ -206,6 +223,21 @@ impl Dispatcher {
                 abandoned: abandoned.clone(),
             };
             tasks.spawn(worker.run());
+        }
+    }
+}
+
+/// Runs `work`, telling the broker at the acker's interval that the delivery is still being worked on.
+async fn keep_alive<F: Future>(acker: &dyn Acker, work: F) -> F::Output {
+    let Some(every) = acker.progress_interval() else {
+        return work.await;
+    };
+    tokio::pin!(work);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            output = &mut work => return output,
+            _ = ticks.tick() => acker.in_progress().await,
         }
     }
 }
@@ -323,7 +355,8 @@ impl Worker {
             bump(&counters.handler_calls);
             // A panicking handler is a failed attempt like any other: the worker survives it.
             let call = AssertUnwindSafe(self.handler.handle((*envelope).clone())).catch_unwind();
-            let reason = match tokio::time::timeout(self.settings.handler_timeout, call).await {
+            let call = tokio::time::timeout(self.settings.handler_timeout, call);
+            let reason = match keep_alive(&*held.item.as_ref().expect("a held delivery").delivery.acker, call).await {
                 Ok(Err(panic)) => format!("handler panicked: {}", panic_message(&*panic)),
                 Ok(Ok(outcome)) => match outcome {
                     Ok(()) => {
@@ -354,12 +387,10 @@ impl Worker {
             tracing::debug!(
                 topic = %self.shared.topic, aggregate_id = %envelope.aggregate_id, attempts, %reason, "retrying"
             );
+            let acker = &*held.item.as_ref().expect("a held delivery").delivery.acker;
             tokio::select! {
-                _ = tokio::time::sleep(self.settings.retry.backoff(attempts)) => {}
+                _ = keep_alive(acker, tokio::time::sleep(self.settings.retry.backoff(attempts))) => {}
                 _ = self.stop.cancelled() => return Outcome::Stopped,
-            }
-            if let Some(item) = &held.item {
-                item.delivery.acker.in_progress().await;
             }
         }
     }

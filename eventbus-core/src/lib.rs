@@ -49,7 +49,7 @@ pub use bus::{
 };
 pub use config::{BusConfig, DeadLetterConfig, MemoryConfig, PublishConfig, RetryPolicy, SubscribeConfig};
 pub use envelope::wire::{self, DecodeError, WireMessage};
-pub use envelope::{validate_topic, Envelope, EnvelopeBuilder, EventId, ValidationError};
+pub use envelope::{validate_group, validate_topic, Envelope, EnvelopeBuilder, EventId, ValidationError};
 pub use error::{Error, Result};
 pub use memory::MemoryBus;
 pub use subscription::{Subscription, SubscriptionReport};

@@ -24,7 +24,7 @@ use crate::bus::{
 use crate::config::BusConfig;
 use crate::dispatch::{DeadLetterSink, Delivery, Dispatcher, Message, NoAck, WorkerSettings};
 use crate::envelope::wire::WireMessage;
-use crate::envelope::{validate_topic, Envelope};
+use crate::envelope::{validate_group, validate_topic, Envelope};
 use crate::inflight::PublishWindow;
 use crate::metrics::Counters;
 use crate::subscription::{Subscription, SubscriptionControl, SubscriptionRegistry};
@@ -501,6 +501,7 @@ impl EventBus for MemoryBus {
     ) -> Result<Subscription> {
         let inner = &self.inner;
         validate_topic(topic)?;
+        validate_group(&options.group)?;
         inner.ensure_open()?;
         let config = &inner.config;
         let settings = WorkerSettings {

@@ -9,6 +9,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::dispatch::Dispatcher;
 use crate::{Error, Result};
 
 /// A live subscription. Close it with [`close`](Self::close) to let running handlers finish; dropping it
@@ -91,6 +92,7 @@ pub struct SubscriptionControl {
     stop: CancellationToken,
     tasks: Mutex<Option<JoinSet<()>>>,
     resources: Mutex<Option<Box<dyn Any + Send>>>,
+    release: Mutex<Option<Dispatcher>>,
     abandoned: Arc<AtomicUsize>,
     closed: tokio::sync::Mutex<Option<SubscriptionReport>>,
 }
@@ -111,6 +113,7 @@ impl SubscriptionControl {
             stop,
             tasks: Mutex::new(Some(JoinSet::new())),
             resources: Mutex::new(None),
+            release: Mutex::new(None),
             abandoned,
             closed: tokio::sync::Mutex::new(None),
         }
@@ -127,6 +130,13 @@ impl SubscriptionControl {
     /// example a consumer-group membership to leave).
     pub fn hold(&self, resource: impl Any + Send) {
         *lock(&self.resources) = Some(Box::new(resource));
+    }
+
+    /// On close, once the tasks are joined, hands every delivery still queued in `dispatcher` back to the
+    /// broker ([`Acker::release`](crate::dispatch::Acker::release)) instead of leaving it to a redelivery
+    /// timeout. For dispatchers owned by the subscription alone.
+    pub fn release_on_close(&self, dispatcher: Dispatcher) {
+        *lock(&self.release) = Some(dispatcher);
     }
 
     /// Whether close or abort has begun.
@@ -152,6 +162,11 @@ impl SubscriptionControl {
                 while tasks.join_next().await.is_some() {}
             }
         }
+        let dispatcher = lock(&self.release).take();
+        if let Some(dispatcher) = dispatcher {
+            let released = dispatcher.take_queued().into_iter().map(|delivery| delivery.acker.release());
+            let _ = tokio::time::timeout_at(deadline, futures_util::future::join_all(released)).await;
+        }
         drop(lock(&self.resources).take());
         let report = SubscriptionReport { abandoned: self.abandoned.load(Ordering::Relaxed), timed_out };
         *closed = Some(report);
@@ -162,6 +177,7 @@ impl SubscriptionControl {
     pub fn abort(&self) {
         self.stop.cancel();
         drop(lock(&self.tasks).take());
+        drop(lock(&self.release).take());
         drop(lock(&self.resources).take());
     }
 }

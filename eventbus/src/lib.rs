@@ -36,7 +36,12 @@ pub struct ReadmeDoctests;
 /// A bus of any backend, as [`connect`] returns it.
 pub type Bus = Arc<dyn EventBus>;
 
-/// Connects to the backend named by `config.url`: `memory://` runs in process.
+/// The NATS JetStream backend (feature `nats`).
+#[cfg(feature = "nats")]
+pub use eventbus_nats as nats;
+
+/// Connects to the backend named by `config.url`: `memory://` runs in process; `nats://host:port` connects to
+/// NATS JetStream (feature `nats`).
 ///
 /// Fails with [`Error::UnsupportedBackend`] for a scheme this build does not include, and with
 /// [`Error::Config`] for an invalid configuration.
@@ -44,11 +49,15 @@ pub async fn connect(config: &BusConfig) -> Result<Bus> {
     config.validate()?;
     match config.scheme() {
         "memory" => Ok(Arc::new(MemoryBus::new(config.clone())?)),
-        scheme => Err(Error::UnsupportedBackend {
-            scheme: scheme.to_owned(),
-            reason: "this build includes only the memory backend; the broker backends come with the \
-                     `nats` and `kafka` features"
-                .to_owned(),
-        }),
+        #[cfg(feature = "nats")]
+        "nats" => Ok(Arc::new(eventbus_nats::NatsBus::connect(config.clone()).await?)),
+        scheme => Err(Error::UnsupportedBackend { scheme: scheme.to_owned(), reason: missing_feature(scheme) }),
+    }
+}
+
+fn missing_feature(scheme: &str) -> String {
+    match scheme {
+        "nats" | "kafka" => format!("this build does not include it; enable the `{scheme}` feature of eventbus"),
+        _ => "no backend has this scheme; use memory://, nats://host:port or kafka://host:port".to_owned(),
     }
 }

@@ -89,6 +89,13 @@ async fn invalid_envelopes_and_topics(backend: &dyn Backend) -> anyhow::Result<(
             "subscribe to topic {bad:?}: expected InvalidTopic"
         );
     }
+    for bad in ["", "billing team", "billing.*"] {
+        let subscribed = bus.subscribe_with(&topic, SubscribeOptions::group(bad), |_| async { Ok(()) }).await;
+        ensure!(
+            matches!(subscribed, Err(Error::Invalid(ValidationError::InvalidGroup { .. }))),
+            "subscribe with group {bad:?}: expected InvalidGroup"
+        );
+    }
     let sent_by_rejects = bus.metrics().published - published_before;
     bus.publish(&topic, valid("good", 2)).await?.await?;
     let complete = recorder.wait_for(2, DELIVERY_DEADLINE).await;
@@ -104,7 +111,7 @@ async fn invalid_envelopes_and_topics(backend: &dyn Backend) -> anyhow::Result<(
         SUITE,
         "invalid-envelopes-and-topics",
         format_args!(
-            "rejected_envelopes={} rejected_topics={} sent_by_rejected={sent_by_rejects} stored_in_topic={stored:?} \
+            "rejected_envelopes={} rejected_topics={} rejected_groups=3 sent_by_rejected={sent_by_rejects} stored_in_topic={stored:?} \
              delivered={:?}",
             messages.len(),
             bad_topics.len(),

@@ -5,6 +5,7 @@ pub mod bad_input;
 pub mod delivery;
 pub mod leak;
 pub mod ordering;
+pub mod restart;
 pub mod retry;
 pub mod timeout;
 
@@ -12,8 +13,8 @@ use std::time::Duration;
 
 use eventbus::{BusConfig, RetryPolicy};
 
-/// How long a suite waits for deliveries it expects before it counts the rest as lost.
-pub(crate) const DELIVERY_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a scenario waits for deliveries it expects before it counts the rest as lost.
+pub const DELIVERY_DEADLINE: Duration = Duration::from_secs(60);
 
 /// A retry policy with short waits, so suites that inject failures stay quick.
 pub(crate) fn quick_retry(max_attempts: u32) -> RetryPolicy {

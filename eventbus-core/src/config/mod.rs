@@ -123,6 +123,9 @@ impl BusConfig {
         if self.nats.partitions == 0 {
             return Err(Error::Config("nats.partitions must be at least 1".into()));
         }
+        if self.nats.ack_wait < Duration::from_secs(1) {
+            return Err(Error::Config("nats.ack_wait must be at least 1s".into()));
+        }
         if self.dead_letter.enabled {
             validate_topic(&self.dead_letter.topic_for("topic")).map_err(|e| {
                 Error::Config(format!(

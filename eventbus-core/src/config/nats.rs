@@ -44,6 +44,13 @@ pub struct NatsConfig {
     /// Partitions per topic: the number of aggregates' sequences a group can handle in parallel. Publishers and
     /// consumers of one topic must agree on it.
     pub partitions: u16,
+    /// How long the server waits for the ack of a delivered message before delivering it again. While a
+    /// message is handled or waits for a retry, the bus tells the server it is in progress every third of this,
+    /// so only a consumer that died (or lost its connection) lets it run out. Shorter means faster recovery of
+    /// a partition after a crash or a broker restart.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub ack_wait: Duration,
     /// How streams and consumers are created or checked.
     pub provisioning: Provisioning,
     /// Settings of the streams the bus creates (and checks, under `validate-only`).
@@ -63,6 +70,7 @@ impl Default for NatsConfig {
             subject_prefix: "eventbus".to_owned(),
             stream_prefix: "EVENTBUS".to_owned(),
             partitions: 16,
+            ack_wait: Duration::from_secs(10),
             provisioning: Provisioning::default(),
             stream: NatsStreamConfig::default(),
         }

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-pub use validate::{validate_topic, ValidationError, MAX_AGGREGATE_ID_LEN, MAX_TOPIC_LEN};
+pub use validate::{validate_group, validate_topic, ValidationError, MAX_AGGREGATE_ID_LEN, MAX_TOPIC_LEN};
 
 /// The unique identity of one event: a UUID, version 7 (time-ordered) unless the publisher supplies its own.
 ///

@@ -65,6 +65,14 @@ pub enum ValidationError {
         /// The field or header whose value was rejected.
         field: String,
     },
+    /// The consumer group name is empty, too long or holds characters outside `[A-Za-z0-9_\-.]`.
+    #[error("consumer group {group:?} is invalid: {reason}")]
+    InvalidGroup {
+        /// The rejected group name.
+        group: String,
+        /// Which rule it broke.
+        reason: &'static str,
+    },
     /// The topic name is empty, too long or holds characters outside `[A-Za-z0-9_\-.]`.
     #[error("topic {topic:?} is invalid: {reason}")]
     InvalidTopic {
@@ -138,18 +146,26 @@ fn has_control(value: &str) -> bool {
 /// without `..`. The rule is the intersection of what NATS subjects and Kafka topics accept, so a topic name
 /// means the same on every backend.
 pub fn validate_topic(topic: &str) -> Result<(), ValidationError> {
-    let invalid = |reason| Err(ValidationError::InvalidTopic { topic: topic.to_owned(), reason });
-    if topic.is_empty() {
-        return invalid("it is empty");
+    check_name(topic).map_err(|reason| ValidationError::InvalidTopic { topic: topic.to_owned(), reason })
+}
+
+/// Checks a consumer group name, by the same rule as topic names.
+pub fn validate_group(group: &str) -> Result<(), ValidationError> {
+    check_name(group).map_err(|reason| ValidationError::InvalidGroup { group: group.to_owned(), reason })
+}
+
+fn check_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("it is empty");
     }
-    if topic.len() > MAX_TOPIC_LEN {
-        return invalid("it is longer than 200 bytes");
+    if name.len() > MAX_TOPIC_LEN {
+        return Err("it is longer than 200 bytes");
     }
-    if !topic.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) {
-        return invalid("only A-Z a-z 0-9 _ - . are allowed");
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) {
+        return Err("only A-Z a-z 0-9 _ - . are allowed");
     }
-    if topic.starts_with('.') || topic.ends_with('.') || topic.contains("..") {
-        return invalid("'.' separates words and cannot start, end or repeat");
+    if name.starts_with('.') || name.ends_with('.') || name.contains("..") {
+        return Err("'.' separates words and cannot start, end or repeat");
     }
     Ok(())
 }

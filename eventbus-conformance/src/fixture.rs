@@ -1,0 +1,161 @@
+//! Broker containers for the suites, started by testcontainers, with the fault controls the suites use.
+//!
+//! The image of each broker comes from an environment variable (`EVENTBUS_NATS_IMAGE`, ...) and defaults to
+//! the official image. Where no registry is reachable, `scripts/test-images.sh` builds local images and prints
+//! the variables that point here. The host port is fixed when the container is created, so a stop / start
+//! keeps it, and with it the address every client already has.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use testcontainers::core::{IntoContainerPort, WaitFor};
+use testcontainers::runners::AsyncRunner;
+use testcontainers::{ContainerAsync, GenericImage, ImageExt};
+
+/// Set to `1` to make an unreachable broker a failure instead of a printed skip (CI sets it).
+pub const REQUIRE_BROKERS: &str = "EVENTBUS_REQUIRE_BROKERS";
+
+/// Whether brokers are required (`EVENTBUS_REQUIRE_BROKERS=1`).
+pub fn brokers_required() -> bool {
+    std::env::var(REQUIRE_BROKERS).is_ok_and(|v| v == "1")
+}
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct BrokerSpec {
+    /// Image reference, `name[:tag]`.
+    pub image: String,
+    /// The port the broker listens on inside the container.
+    pub port: u16,
+    /// Arguments after the image's entrypoint.
+    pub args: Vec<String>,
+    /// A line the broker prints on stderr once it accepts clients.
+    pub ready_line: String,
+}
+
+/// A running broker container.
+pub struct Broker {
+    container: Option<ContainerAsync<GenericImage>>,
+    id: String,
+    pauses: tokio::sync::Mutex<usize>,
+    /// The image it runs.
+    pub image: String,
+    /// The host port mapped to the broker's port (on 127.0.0.1).
+    pub host_port: u16,
+}
+
+impl Broker {
+    /// Starts a container from `spec` and waits until it is ready.
+    pub async fn start(spec: &BrokerSpec) -> anyhow::Result<Self> {
+        let host_port = free_port()?;
+        let (name, tag) = split_image(&spec.image);
+        let container = GenericImage::new(name, tag)
+            .with_exposed_port(spec.port.tcp())
+            .with_wait_for(WaitFor::message_on_stderr(spec.ready_line.clone()))
+            .with_mapped_port(host_port, spec.port.tcp())
+            .with_cmd(spec.args.clone())
+            .with_startup_timeout(Duration::from_secs(60))
+            .start()
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("cannot start {} (is Docker running, is the image present?): {e}", spec.image)
+            })?;
+        let id = container.id().to_owned();
+        Ok(Self { container: Some(container), id, pauses: Default::default(), image: spec.image.clone(), host_port })
+    }
+
+    /// Freezes the broker's processes: connections stay open, nothing is answered (a network outage).
+    /// Pauses nest: the broker runs again after as many [`unpause`](Self::unpause) calls.
+    pub async fn pause(&self) -> anyhow::Result<()> {
+        let mut pauses = self.pauses.lock().await;
+        if *pauses == 0 {
+            docker(&["pause", &self.id]).await?;
+        }
+        *pauses += 1;
+        Ok(())
+    }
+
+    /// Ends one pause.
+    pub async fn unpause(&self) -> anyhow::Result<()> {
+        let mut pauses = self.pauses.lock().await;
+        if *pauses == 1 {
+            docker(&["unpause", &self.id]).await?;
+        }
+        *pauses = pauses.saturating_sub(1);
+        Ok(())
+    }
+
+    /// Stops the broker (it shuts down cleanly) and starts it again on the same port with the same stored
+    /// data; returns once it accepts connections again.
+    pub async fn restart(&self, down_for: Duration) -> anyhow::Result<()> {
+        docker(&["stop", "--time", "5", &self.id]).await?;
+        tokio::time::sleep(down_for).await;
+        docker(&["start", &self.id]).await?;
+        self.wait_accepting(Duration::from_secs(30)).await
+    }
+
+    /// Waits until the host port accepts a connection and the broker sends its first bytes.
+    pub async fn wait_accepting(&self, within: Duration) -> anyhow::Result<()> {
+        use tokio::io::AsyncReadExt;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let attempt = async {
+                let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.host_port)).await?;
+                let mut first = [0u8; 1];
+                stream.read_exact(&mut first).await?;
+                Ok::<_, std::io::Error>(())
+            };
+            match tokio::time::timeout(Duration::from_secs(1), attempt).await {
+                Ok(Ok(())) => return Ok(()),
+                _ if tokio::time::Instant::now() >= deadline => {
+                    anyhow::bail!("broker on port {} not accepting after {within:?}", self.host_port)
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Removes the container.
+    pub async fn remove(mut self) {
+        if let Some(container) = self.container.take() {
+            let _ = container.rm().await;
+        }
+    }
+}
+
+async fn docker(args: &[&str]) -> anyhow::Result<()> {
+    let output = tokio::process::Command::new("docker").args(args).stdin(Stdio::null()).output().await?;
+    anyhow::ensure!(
+        output.status.success(),
+        "docker {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(())
+}
+
+/// A port free on 127.0.0.1 right now.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `registry/name:tag` → (`registry/name`, `tag`), the tag defaulting to `latest`.
+fn split_image(image: &str) -> (&str, &str) {
+    match image.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => (name, tag),
+        _ => (image, "latest"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_image;
+
+    #[test]
+    fn image_references() {
+        assert_eq!(split_image("nats"), ("nats", "latest"));
+        assert_eq!(split_image("nats:2.10"), ("nats", "2.10"));
+        assert_eq!(split_image("localhost:5000/nats"), ("localhost:5000/nats", "latest"));
+        assert_eq!(split_image("eventbus-local/nats:2.9.10"), ("eventbus-local/nats", "2.9.10"));
+    }
+}

@@ -1,0 +1,309 @@
+//! The NATS JetStream backend as a [`Backend`], on a broker container, plus the scenarios only NATS has:
+//! token authentication and interop with the bare async-nats client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use async_nats::jetstream;
+use async_trait::async_trait;
+use bytes::Bytes;
+use eventbus::nats::{naming, NatsBus};
+use eventbus::wire::{self, WireMessage};
+use eventbus::{BusConfig, Envelope, Error, EventBus, EventBusExt, SubscribeOptions};
+use tokio::sync::{mpsc, OnceCell};
+
+use crate::backend::{Backend, Capabilities, Connection, Faults, Partitioning, RawAccess};
+use crate::fixture::{Broker, BrokerSpec};
+use crate::harness::{figures, print_figures};
+use crate::suites::DELIVERY_DEADLINE;
+use crate::workload::unique;
+
+/// Environment variable naming the NATS image.
+pub const IMAGE_VARIABLE: &str = "EVENTBUS_NATS_IMAGE";
+/// The official image, used when the variable is unset.
+pub const DEFAULT_IMAGE: &str = "nats:2.10";
+
+/// A NATS server with JetStream and file storage, in a container.
+pub struct Nats {
+    broker: Arc<Broker>,
+}
+
+impl Nats {
+    /// The image to run: `$EVENTBUS_NATS_IMAGE`, else the official image.
+    pub fn image() -> String {
+        std::env::var(IMAGE_VARIABLE).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| DEFAULT_IMAGE.to_owned())
+    }
+
+    /// The container of a JetStream server with file storage, with `extra` arguments.
+    pub fn spec(extra: &[&str]) -> BrokerSpec {
+        let mut args: Vec<String> = ["-js", "-sd", "/data"].map(String::from).to_vec();
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        BrokerSpec { image: Self::image(), port: 4222, args, ready_line: "Server is ready".to_owned() }
+    }
+
+    /// Starts the broker.
+    pub async fn start() -> anyhow::Result<Self> {
+        Ok(Self { broker: Arc::new(Broker::start(&Self::spec(&[])).await?) })
+    }
+
+    /// The broker's URL.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.broker.host_port)
+    }
+
+    /// Stops the broker's container.
+    pub async fn stop(self) {
+        if let Ok(broker) = Arc::try_unwrap(self.broker) {
+            broker.remove().await;
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for Nats {
+    fn name(&self) -> String {
+        format!("nats ({})", self.broker.image)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let config = BusConfig::default().nats;
+        Capabilities {
+            history: true,
+            max_payload: 1024 * 1024,
+            restart: true,
+            partitioning: Some(Partitioning { partitions: config.partitions, partition_of: naming::partition_of }),
+            notes: Vec::new(),
+        }
+    }
+
+    fn config(&self) -> BusConfig {
+        BusConfig::from_url(self.url())
+    }
+
+    async fn connect(&self, config: BusConfig) -> eventbus::Result<Connection> {
+        let raw = NatsRaw { url: self.url(), config: config.nats.clone(), client: OnceCell::new() };
+        let bus = NatsBus::connect(config).await?;
+        Ok(Connection {
+            bus: Arc::new(bus),
+            raw: Some(Arc::new(raw)),
+            faults: Some(Arc::new(BrokerFaults(self.broker.clone()))),
+        })
+    }
+
+    fn unreachable_config(&self) -> Option<BusConfig> {
+        // Nothing listens on port 1.
+        Some(BusConfig::from_url("nats://127.0.0.1:1"))
+    }
+}
+
+struct BrokerFaults(Arc<Broker>);
+
+#[async_trait]
+impl Faults for BrokerFaults {
+    async fn pause(&self) -> anyhow::Result<()> {
+        self.0.pause().await
+    }
+
+    async fn unpause(&self) -> anyhow::Result<()> {
+        self.0.unpause().await
+    }
+
+    async fn restart(&self, down_for: Duration) -> anyhow::Result<()> {
+        self.0.restart(down_for).await
+    }
+}
+
+/// The bare async-nats client, connected on first use.
+struct NatsRaw {
+    url: String,
+    config: eventbus::config::NatsConfig,
+    client: OnceCell<async_nats::Client>,
+}
+
+impl NatsRaw {
+    async fn js(&self) -> anyhow::Result<jetstream::Context> {
+        let client = self.client.get_or_try_init(|| async_nats::connect(self.url.as_str())).await?;
+        Ok(jetstream::new(client.clone()))
+    }
+
+    fn stream_name(&self, topic: &str) -> String {
+        naming::stream_name(&self.config.stream_prefix, topic)
+    }
+}
+
+#[async_trait]
+impl RawAccess for NatsRaw {
+    async fn publish_raw(&self, topic: &str, message: WireMessage) -> anyhow::Result<()> {
+        let js = self.js().await?;
+        js.get_or_create_stream(jetstream::stream::Config {
+            name: self.stream_name(topic),
+            subjects: vec![naming::stream_subjects(&self.config.subject_prefix, topic)],
+            ..Default::default()
+        })
+        .await?;
+        let partition =
+            message.header(wire::AGGREGATE_ID).map_or(0, |a| naming::partition_of(a, self.config.partitions));
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, value) in &message.headers {
+            headers.append(name.as_str(), value.as_str());
+        }
+        let subject = naming::subject(&self.config.subject_prefix, topic, partition);
+        js.publish_with_headers(subject, headers, message.payload).await?.await?;
+        Ok(())
+    }
+
+    async fn read_raw(&self, topic: &str, count: usize, within: Duration) -> anyhow::Result<Vec<WireMessage>> {
+        let js = self.js().await?;
+        let deadline = tokio::time::Instant::now() + within;
+        let mut messages = Vec::new();
+        let mut sequence = 1;
+        while messages.len() < count && tokio::time::Instant::now() < deadline {
+            let Ok(stream) = js.get_stream(self.stream_name(topic)).await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            match stream.get_raw_message(sequence).await {
+                Ok(message) => {
+                    let headers = message
+                        .headers
+                        .iter()
+                        .flat_map(|(name, values)| {
+                            values.iter().map(move |v| (name.to_string(), v.as_str().to_owned()))
+                        })
+                        .collect();
+                    messages.push(WireMessage { headers, payload: message.payload });
+                    sequence += 1;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        Ok(messages)
+    }
+}
+
+/// auth: a broker that requires a token accepts the right one, refuses a wrong one with an auth error that
+/// says so, and the token appears in no printed configuration or error.
+pub async fn auth() -> anyhow::Result<()> {
+    const TOKEN: &str = "s3cret-token-9f2c";
+    let broker = Broker::start(&Nats::spec(&["--auth", TOKEN])).await?;
+    let url = format!("nats://127.0.0.1:{}", broker.host_port);
+    let outcome = async {
+        let mut right = BusConfig::from_url(&url);
+        right.nats.auth.token = Some(TOKEN.into());
+        let printed = format!("{right:?}");
+        let bus = NatsBus::connect(right).await.context("the right token was refused")?;
+        let topic = unique("auth");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let subscription = bus
+            .subscribe_with(&topic, SubscribeOptions::group("g"), move |event| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(event.event_version)?;
+                    Ok(())
+                }
+            })
+            .await?;
+        bus.publish(&topic, Envelope::builder("a-1", "T").payload("p").build()?).await?.await?;
+        let delivered = tokio::time::timeout(DELIVERY_DEADLINE, rx.recv()).await?;
+        subscription.close().await;
+        bus.close().await;
+
+        let mut wrong = BusConfig::from_url(&url);
+        wrong.nats.auth.token = Some("not-the-token".into());
+        wrong.connect_timeout = Duration::from_secs(5);
+        let refused = NatsBus::connect(wrong).await;
+        let message = refused.as_ref().err().map(ToString::to_string).unwrap_or_default();
+        let mut missing = BusConfig::from_url(&url);
+        missing.connect_timeout = Duration::from_secs(5);
+        let without = NatsBus::connect(missing).await.err().map(|e| e.to_string()).unwrap_or_default();
+        print_figures(
+            "nats",
+            "auth",
+            "token",
+            format_args!(
+                "right_token_delivered={} wrong_token_error={message:?} no_token_error={without:?} \
+                 token_in_printed_config={}",
+                delivered.is_some(),
+                printed.contains(TOKEN)
+            ),
+        );
+        ensure!(delivered == Some(1), "nothing delivered with the right token");
+        ensure!(matches!(refused, Err(Error::Auth(_))), "a wrong token gave {message:?}");
+        ensure!(message.contains("refused"), "the auth error does not say the server refused: {message}");
+        ensure!(!printed.contains(TOKEN) && !message.contains(TOKEN), "the token was printed");
+        Ok(())
+    }
+    .await;
+    broker.remove().await;
+    outcome
+}
+
+/// interop: a message published by the bare client with the documented headers is consumed by the bus, and an
+/// event published by the bus reads back through the bare client as headers plus the raw payload.
+pub async fn interop(nats: &Nats) -> anyhow::Result<()> {
+    let connection = nats.connect(nats.config()).await?;
+    let bus = connection.bus.clone();
+    let raw = connection.raw.clone().context("raw access")?;
+    let topic = unique("interop");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let subscription = bus
+        .subscribe_with(&topic, SubscribeOptions::group("g"), move |event| {
+            let tx = tx.clone();
+            async move {
+                tx.send(event)?;
+                Ok(())
+            }
+        })
+        .await?;
+
+    // Bare client → bus: the documented headers, written by hand.
+    let foreign = WireMessage {
+        headers: vec![
+            (wire::EVENT_ID.into(), "0190f3a8-7c1e-7cc0-8f4a-3b2d1e0f9a11".into()),
+            (wire::AGGREGATE_ID.into(), "invoice-77".into()),
+            (wire::EVENT_TYPE.into(), "InvoiceIssued".into()),
+            (wire::EVENT_VERSION.into(), "3".into()),
+            (wire::EVENT_TIMESTAMP.into(), "2026-11-28T10:00:00.5Z".into()),
+            (wire::CORRELATION_ID.into(), "run-1".into()),
+            ("x-origin".into(), "bare-client".into()),
+        ],
+        payload: Bytes::from_static(br#"{"amount":42}"#),
+    };
+    raw.publish_raw(&topic, foreign).await?;
+    let consumed = tokio::time::timeout(DELIVERY_DEADLINE, rx.recv()).await?.context("nothing consumed")?;
+
+    // Bus → bare client.
+    let sent = Envelope::builder("invoice-78", "InvoicePaid")
+        .version(2)
+        .header("x-origin", "bus")
+        .payload(&b"\x00\x01raw"[..])
+        .build()?;
+    bus.publish(&topic, sent.clone()).await?.await?;
+    let stored = raw.read_raw(&topic, 2, DELIVERY_DEADLINE).await?;
+    subscription.close().await;
+    bus.close().await;
+    let read =
+        stored.iter().find(|m| m.header(wire::AGGREGATE_ID) == Some("invoice-78")).context("bus event not readable")?;
+    figures(
+        nats,
+        "interop",
+        "bare-client",
+        format_args!(
+            "bare_to_bus={} v{} headers={:?} | bus_to_bare headers={} payload_intact={} msg_id={:?}",
+            consumed.aggregate_id,
+            consumed.event_version,
+            consumed.headers,
+            read.headers.len(),
+            read.payload == sent.payload,
+            read.header("Nats-Msg-Id")
+        ),
+    );
+    ensure!(consumed.aggregate_id == "invoice-77" && consumed.event_version == 3, "decoded {consumed:?}");
+    ensure!(consumed.payload == Bytes::from_static(br#"{"amount":42}"#), "payload changed");
+    ensure!(consumed.headers.get("x-origin").map(String::as_str) == Some("bare-client"), "user header lost");
+    ensure!(read.payload == sent.payload, "the bare client did not read the raw payload");
+    ensure!(read.decode()? == sent, "the bare client's headers do not decode to the sent envelope");
+    ensure!(read.header("Nats-Msg-Id") == Some(sent.event_id.to_string().as_str()), "Nats-Msg-Id is not the event id");
+    Ok(())
+}

@@ -1,0 +1,315 @@
+//! `NatsBus`: the `EventBus` over NATS JetStream.
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::header::{HeaderName, HeaderValue, NATS_MESSAGE_ID};
+use async_nats::jetstream::context::{ContextBuilder, PublishErrorKind};
+use async_nats::{Client, HeaderMap};
+use async_trait::async_trait;
+use eventbus_core::dispatch::{DeadLetterSink, Dispatcher, WorkerSettings};
+use eventbus_core::inflight::PublishWindow;
+use eventbus_core::metrics::Counters;
+use eventbus_core::subscription::{SubscriptionControl, SubscriptionRegistry};
+use eventbus_core::wire::{self, WireMessage};
+use eventbus_core::{
+    validate_group, validate_topic, BusConfig, CloseReport, ConnectionState, Envelope, Error, EventBus, Handler,
+    Health, Metrics, PublishAck, PublishReceipt, PublishResults, Result, SubscribeOptions, Subscription,
+    ValidationError,
+};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::connect::{self, ConnectionEvents};
+use crate::consume;
+use crate::naming::partition_of;
+use crate::provision::Provisioner;
+
+/// The NATS JetStream backend. See the [crate documentation](crate) for how topics and groups map onto
+/// JetStream.
+pub struct NatsBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: BusConfig,
+    counters: Arc<Counters>,
+    window: PublishWindow,
+    events: Arc<ConnectionEvents>,
+    /// The connection; taken by `close()`.
+    live: RwLock<Option<Arc<Live>>>,
+    subscriptions: SubscriptionRegistry,
+    closed: AtomicBool,
+    close_report: tokio::sync::Mutex<Option<CloseReport>>,
+}
+
+/// What exists while the bus is connected.
+struct Live {
+    client: Client,
+    js: async_nats::jetstream::Context,
+    provisioner: Provisioner,
+    ack_timeout: Duration,
+}
+
+impl NatsBus {
+    /// Connects to the servers of `config` (`url` and `nats.servers`), within `connect_timeout`.
+    pub async fn connect(config: BusConfig) -> Result<Self> {
+        config.validate()?;
+        if config.scheme() != "nats" {
+            return Err(Error::Config(format!("NatsBus needs a nats:// url, got {:?}", connect::redact(&config.url))));
+        }
+        let events = Arc::new(ConnectionEvents::default());
+        let client = connect::connect(&config, events.clone()).await?;
+        // The client's own in-flight limit matches the bus's window, so the window is what holds publishers
+        // back; its ack deadline is left to the window too.
+        let js = ContextBuilder::new()
+            .timeout(config.publish.ack_timeout.max(config.nats.request_timeout) + Duration::from_secs(1))
+            .max_ack_inflight(config.publish.window)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        let provisioner = Provisioner::new(js.clone(), config.nats.clone());
+        let counters = Arc::new(Counters::default());
+        let window = PublishWindow::new(&config.publish, counters.clone());
+        let live = Live { client, js, provisioner, ack_timeout: config.publish.ack_timeout };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                counters,
+                window,
+                events,
+                live: RwLock::new(Some(Arc::new(live))),
+                subscriptions: SubscriptionRegistry::new(),
+                closed: AtomicBool::new(false),
+                close_report: tokio::sync::Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The underlying client, for what the bus does not cover. `None` once closed.
+    pub fn client(&self) -> Option<Client> {
+        self.inner.live().ok().map(|live| live.client.clone())
+    }
+}
+
+impl Inner {
+    fn live(&self) -> Result<Arc<Live>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(Error::Closed)
+    }
+
+    /// Everything `publish` checks before anything is sent.
+    fn check(&self, live: &Live, topic: &str, envelope: &Envelope) -> Result<(HeaderMap, WireMessage)> {
+        validate_topic(topic)?;
+        envelope.validate()?;
+        let wire = wire::encode(envelope);
+        let size = wire.payload.len() + wire.headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum::<usize>() + 64;
+        let limit = live.client.server_info().max_payload;
+        if size > limit {
+            return Err(Error::PayloadTooLarge { size, limit, backend: "the NATS server's max_payload".into() });
+        }
+        let mut headers = headers(&wire)?;
+        headers.insert(NATS_MESSAGE_ID, envelope.event_id.to_string().as_str());
+        Ok((headers, wire))
+    }
+}
+
+/// The message headers of `wire`, refusing names or values NATS cannot carry (validation already keeps
+/// them out; this never panics whatever the input).
+fn headers(wire: &WireMessage) -> Result<HeaderMap> {
+    let mut headers = HeaderMap::new();
+    for (name, value) in &wire.headers {
+        let invalid = || ValidationError::InvalidHeaderName { name: name.clone() };
+        let header = HeaderName::from_str(name).map_err(|_| invalid())?;
+        let value = HeaderValue::from_str(value).map_err(|_| invalid())?;
+        headers.append(header, value);
+    }
+    Ok(headers)
+}
+
+impl Live {
+    /// Sends `wire` to `topic` and waits for the stream's ack (dead letters, raw publishes).
+    async fn publish_and_wait(&self, topic: &str, wire: WireMessage, message_id: Option<String>) -> Result<()> {
+        validate_topic(topic)?;
+        let known = self.provisioner.topic(topic).await?;
+        let partition = wire
+            .header(wire::AGGREGATE_ID)
+            .map_or(0, |aggregate| partition_of(aggregate, self.provisioner.partitions()));
+        let mut headers = headers(&wire)?;
+        if let Some(id) = message_id {
+            headers.insert(NATS_MESSAGE_ID, id.as_str());
+        }
+        let subject = known.subjects[usize::from(partition)].clone();
+        let ack = self.js.publish_with_headers(subject, headers, wire.payload).await.map_err(publish_error)?;
+        match tokio::time::timeout(self.ack_timeout, ack).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(publish_error(error)),
+            Err(_) => Err(Error::AckTimeout(self.ack_timeout)),
+        }
+    }
+}
+
+fn publish_error(error: async_nats::jetstream::context::PublishError) -> Error {
+    match error.kind() {
+        PublishErrorKind::TimedOut => Error::Broker { message: format!("publish timed out: {error}"), source: None },
+        PublishErrorKind::StreamNotFound => Error::Broker {
+            message: "no stream answers for this subject (was it deleted?)".into(),
+            source: Some(Arc::new(error)),
+        },
+        _ => Error::broker("publish failed", error),
+    }
+}
+
+/// Dead-letters through the bus's own connection.
+struct NatsDeadLetters(Arc<Live>);
+
+#[async_trait]
+impl DeadLetterSink for NatsDeadLetters {
+    async fn dead_letter(&self, topic: &str, message: WireMessage) -> Result<()> {
+        // A message dead-lettered twice (redelivered after a crash) is stored once.
+        let message_id = message.header(wire::EVENT_ID).map(|id| format!("{id}.dead-letter"));
+        self.0.publish_and_wait(topic, message, message_id).await
+    }
+}
+
+#[async_trait]
+impl EventBus for NatsBus {
+    async fn publish(&self, topic: &str, envelope: Envelope) -> Result<PublishReceipt> {
+        let inner = &self.inner;
+        let prepared =
+            inner.live().and_then(|live| inner.check(&live, topic, &envelope).map(|checked| (live, checked)));
+        let (live, (headers, wire)) = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                inner.counters.publish_rejected();
+                return Err(error);
+            }
+        };
+        let slot = inner.window.reserve().await.inspect_err(|_| inner.counters.publish_rejected())?;
+        let known = live.provisioner.topic(topic).await.inspect_err(|_| inner.counters.publish_rejected())?;
+        let partition = partition_of(&envelope.aggregate_id, live.provisioner.partitions());
+        let subject = known.subjects[usize::from(partition)].clone();
+        let sent = live.js.publish_with_headers(subject, headers, wire.payload).await;
+        let ack = match sent {
+            Ok(ack) => ack,
+            Err(error) => {
+                inner.counters.publish_rejected();
+                return Err(publish_error(error));
+            }
+        };
+        let (event_id, topic_name) = (envelope.event_id, known.name.clone());
+        let ack = async move {
+            let ack = ack.await.map_err(publish_error)?;
+            Ok(PublishAck::new(event_id, &*topic_name).with_sequence(ack.sequence).with_duplicate(ack.duplicate))
+        };
+        Ok(inner.window.submit(slot, &known.name, event_id, &envelope.aggregate_id, ack).await)
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+        handler: Arc<dyn Handler>,
+    ) -> Result<Subscription> {
+        let inner = &self.inner;
+        validate_topic(topic)?;
+        validate_group(&options.group)?;
+        let live = inner.live()?;
+        let config = &inner.config;
+        let retry = options.retry.clone().unwrap_or_else(|| config.retry.clone());
+        let handler_timeout = options.handler_timeout.unwrap_or(config.subscribe.handler_timeout);
+        let ack_wait = config.nats.ack_wait;
+        let settings = WorkerSettings {
+            concurrency: options.concurrency.unwrap_or(config.subscribe.concurrency).max(1),
+            handler_timeout,
+            retry,
+            dead_letter_topic: config.dead_letter.enabled.then(|| config.dead_letter.topic_for(topic)),
+        };
+        let consumers = live.provisioner.consumers(topic, &options.group, ack_wait).await?;
+        let opened = futures_util::future::try_join_all(
+            consumers.iter().enumerate().map(|(partition, consumer)| consume::open(partition as u16, consumer.clone())),
+        )
+        .await?;
+
+        let capacity = options.max_in_flight.unwrap_or(config.subscribe.max_in_flight);
+        let dispatcher =
+            Dispatcher::new(topic, capacity, inner.counters.clone(), Arc::new(NatsDeadLetters(live.clone())));
+        let stop = CancellationToken::new();
+        let abandoned = Arc::new(AtomicUsize::new(0));
+        let control = SubscriptionControl::new(
+            topic,
+            options.group.as_str(),
+            config.close_timeout,
+            stop.clone(),
+            abandoned.clone(),
+        );
+        let topic: Arc<str> = Arc::from(topic);
+        control.with_tasks(|tasks| {
+            dispatcher.spawn_workers(tasks, handler, settings, stop.clone(), abandoned);
+            tasks.spawn(consume::fetch(topic, consumers, opened, dispatcher.clone(), ack_wait, stop));
+        });
+        control.release_on_close(dispatcher);
+        inner.subscriptions.register(control)
+    }
+
+    fn publish_results(&self) -> Option<PublishResults> {
+        self.inner.window.take_results()
+    }
+
+    fn health(&self) -> Health {
+        self.inner.events.health()
+    }
+
+    fn metrics(&self) -> Metrics {
+        let inner = &self.inner;
+        inner.counters.snapshot(inner.window.in_flight(), inner.subscriptions.live() as u64)
+    }
+
+    async fn close(&self) -> CloseReport {
+        let inner = &self.inner;
+        let mut report = inner.close_report.lock().await;
+        if let Some(report) = &*report {
+            return report.clone();
+        }
+        let started = Instant::now();
+        let deadline = started + inner.config.close_timeout;
+        inner.closed.store(true, Ordering::Release);
+        let (unacked, subscriptions) =
+            tokio::join!(inner.window.close(deadline), inner.subscriptions.close_all(deadline));
+        let live = inner.live.write().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(live) = live {
+            // Acks and terms of the last handled messages are written before the connection goes away.
+            let _ = tokio::time::timeout_at(deadline, live.client.flush()).await;
+            let closed = inner.events.closed.notified();
+            if live.client.drain().await.is_ok() {
+                let _ = tokio::time::timeout_at(deadline, closed).await;
+            }
+        }
+        inner.events.set_state(ConnectionState::Closed, None);
+        let timed_out = subscriptions.timed_out || !unacked.is_empty() || Instant::now() > deadline;
+        let closed = CloseReport::new(unacked, subscriptions.abandoned, timed_out, started.elapsed());
+        *report = Some(closed.clone());
+        closed
+    }
+}
+
+impl Drop for NatsBus {
+    fn drop(&mut self) {
+        // Dropped without close(): stop every subscription now; the connection closes with its last handle.
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.subscriptions.abort_all();
+        self.inner.live.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+impl std::fmt::Debug for NatsBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsBus")
+            .field("url", &connect::redact(&self.inner.config.url))
+            .field("state", &self.inner.events.health().state)
+            .finish()
+    }
+}
