@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --example quickstart                 # in-memory backend, no broker needed
-//! cargo run --example quickstart -- <url>        # another backend, by URL
+//! cargo run -p eventbus-examples --features nats --example quickstart -- nats://127.0.0.1:4222
 //! ```
 //!
 //! Each order's events reach the handler one at a time and in the order they were published, while different

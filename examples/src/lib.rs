@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --example quickstart                 # in-memory backend, no broker needed
-//! cargo run --example quickstart -- <url>        # another backend, by URL
+//! cargo run -p eventbus-examples --features nats --example quickstart -- nats://127.0.0.1:4222
 //! ```
 //!
 //! The heart of the quickstart, runnable as it stands:
