@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Capabilities};
 use crate::fixture::{brokers_required, REQUIRE_BROKERS};
 use crate::suites;
 
@@ -48,12 +48,29 @@ pub fn run_with(backend: Arc<dyn Backend>, extras: Vec<(&'static str, Extra)>) -
     let mut trials: Vec<Trial> = all_suites()
         .into_iter()
         .map(|(name, suite)| {
+            if let Some(reason) = not_applicable(name, &capabilities) {
+                // A suite the backend cannot run at all is listed as ignored, never as passed.
+                println!("conformance: {} does not run suite {name}: {reason}", backend.name());
+                return Trial::test(name, || Ok(())).with_ignored_flag(true);
+            }
             let backend = backend.clone();
             Trial::test(name, move || on_runtime(|| suite(&*backend)))
         })
         .collect();
     trials.extend(extras.into_iter().map(|(name, extra)| Trial::test(name, move || on_runtime(&extra))));
     libtest_mimic::run(&args, trials).exit_code()
+}
+
+/// Why a whole suite does not apply to a backend with `capabilities`, if it does not.
+fn not_applicable(suite: &str, capabilities: &Capabilities) -> Option<String> {
+    let lacking = |capability: &str| {
+        let note = capabilities.notes.iter().find(|(c, _)| *c == capability).map(|(_, why)| why.clone());
+        Some(note.unwrap_or_else(|| format!("the backend does not declare {capability}")))
+    };
+    match suite {
+        "restart" if !capabilities.restart => lacking("restart"),
+        _ => None,
+    }
 }
 
 /// What to do when a backend's broker cannot be started: fail under `EVENTBUS_REQUIRE_BROKERS=1`, otherwise

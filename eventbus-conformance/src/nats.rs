@@ -307,3 +307,76 @@ pub async fn interop(nats: &Nats) -> anyhow::Result<()> {
     ensure!(read.header("Nats-Msg-Id") == Some(sent.event_id.to_string().as_str()), "Nats-Msg-Id is not the event id");
     Ok(())
 }
+
+/// provisioning: under `validate-only` a missing stream or consumer, or a stream whose settings differ, is a
+/// clear `Mismatch` error naming what differs; `create-or-update` brings the stream in line, after which
+/// validation passes.
+pub async fn provisioning(nats: &Nats) -> anyhow::Result<()> {
+    use eventbus::config::Provisioning;
+    let topic = unique("provisioning");
+    let event = |version| Envelope::builder("p-1", "Provisioned").version(version).payload("p").build();
+    let with = |provisioning, max_age| {
+        let mut config = nats.config();
+        config.nats.provisioning = provisioning;
+        config.nats.stream.max_age = max_age;
+        config
+    };
+    let hour = Duration::from_secs(3600);
+
+    // Nothing exists yet: validate-only refuses to publish or subscribe.
+    let validating = NatsBus::connect(with(Provisioning::ValidateOnly, Duration::ZERO)).await?;
+    let missing_stream = validating.publish(&topic, event(1)?).await.err();
+    validating.close().await;
+
+    // A default bus creates the stream (no age limit) and the group's consumers.
+    let creating = NatsBus::connect(nats.config()).await?;
+    creating.publish(&topic, event(1)?).await?.await?;
+    let subscription = creating.subscribe_with(&topic, SubscribeOptions::group("kept"), |_| async { Ok(()) }).await?;
+    subscription.close().await;
+    creating.close().await;
+
+    // validate-only with other stream settings names the setting; with the same settings it works.
+    let differing = NatsBus::connect(with(Provisioning::ValidateOnly, hour)).await?;
+    let mismatch = differing.publish(&topic, event(2)?).await.err();
+    differing.close().await;
+    let matching = NatsBus::connect(with(Provisioning::ValidateOnly, Duration::ZERO)).await?;
+    matching.publish(&topic, event(2)?).await?.await?;
+    let existing_group = matching.subscribe_with(&topic, SubscribeOptions::group("kept"), |_| async { Ok(()) }).await;
+    let missing_group = matching.subscribe_with(&topic, SubscribeOptions::group("new"), |_| async { Ok(()) }).await;
+    let existing_group_ok = existing_group.is_ok();
+    if let Ok(subscription) = existing_group {
+        subscription.close().await;
+    }
+    matching.close().await;
+
+    // create-or-update applies the new setting; validation then passes with it.
+    let updating = NatsBus::connect(with(Provisioning::CreateOrUpdate, hour)).await?;
+    updating.publish(&topic, event(3)?).await?.await?;
+    updating.close().await;
+    let revalidating = NatsBus::connect(with(Provisioning::ValidateOnly, hour)).await?;
+    let after_update = revalidating.publish(&topic, event(4)?).await.map(drop);
+    revalidating.close().await;
+
+    let text = |e: &Option<Error>| e.as_ref().map(ToString::to_string).unwrap_or_default();
+    let missing_group_error = missing_group.as_ref().err().map(ToString::to_string).unwrap_or_default();
+    figures(
+        nats,
+        "provisioning",
+        "validate-create-update",
+        format_args!(
+            "missing_stream={:?} differing_stream={:?} existing_group_ok={existing_group_ok} \
+             missing_group={missing_group_error:?} validates_after_update={}",
+            text(&missing_stream),
+            text(&mismatch),
+            after_update.is_ok()
+        ),
+    );
+    ensure!(matches!(missing_stream, Some(Error::Mismatch { .. })), "missing stream: {missing_stream:?}");
+    ensure!(text(&missing_stream).contains("does not exist"), "missing stream not named as missing");
+    ensure!(matches!(mismatch, Some(Error::Mismatch { .. })), "differing stream: {mismatch:?}");
+    ensure!(text(&mismatch).contains("max_age"), "the differing setting is not named");
+    ensure!(existing_group_ok, "validate-only refused consumers that exist");
+    ensure!(matches!(missing_group, Err(Error::Mismatch { .. })), "a missing consumer was not refused");
+    ensure!(after_update.is_ok(), "create-or-update did not bring the stream in line: {after_update:?}");
+    Ok(())
+}

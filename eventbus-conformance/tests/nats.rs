@@ -14,9 +14,11 @@ fn main() -> ExitCode {
     let fixture = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
     let broker = match fixture.block_on(Nats::start()) {
         Ok(broker) => Arc::new(broker),
-        Err(error) => return harness::broker_unavailable("nats", &format!("{error:#}"), &["auth", "interop"]),
+        Err(error) => {
+            return harness::broker_unavailable("nats", &format!("{error:#}"), &["auth", "interop", "provisioning"])
+        }
     };
-    let interop_broker = broker.clone();
+    let (interop_broker, provisioning_broker) = (broker.clone(), broker.clone());
     let extras: Vec<(&'static str, Extra)> = vec![
         ("auth", Box::new(|| Box::pin(nats::auth()))),
         (
@@ -24,6 +26,13 @@ fn main() -> ExitCode {
             Box::new(move || {
                 let broker = interop_broker.clone();
                 Box::pin(async move { nats::interop(&broker).await })
+            }),
+        ),
+        (
+            "provisioning",
+            Box::new(move || {
+                let broker = provisioning_broker.clone();
+                Box::pin(async move { nats::provisioning(&broker).await })
             }),
         ),
     ];
