@@ -17,7 +17,7 @@ use crate::backend::{Backend, Capabilities, Connection, Faults, Partitioning, Ra
 use crate::fixture::{Broker, BrokerSpec};
 use crate::harness::{figures, print_figures};
 use crate::suites::DELIVERY_DEADLINE;
-use crate::workload::unique;
+use crate::workload::{forward_into, unique};
 
 /// Environment variable naming the NATS image.
 pub const IMAGE_VARIABLE: &str = "EVENTBUS_NATS_IMAGE";
@@ -246,16 +246,7 @@ pub async fn interop(nats: &Nats) -> anyhow::Result<()> {
     let bus = connection.bus.clone();
     let raw = connection.raw.clone().context("raw access")?;
     let topic = unique("interop");
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let subscription = bus
-        .subscribe_with(&topic, SubscribeOptions::group("g"), move |event| {
-            let tx = tx.clone();
-            async move {
-                tx.send(event)?;
-                Ok(())
-            }
-        })
-        .await?;
+    let (subscription, mut rx) = forward_into(&*bus, &topic, SubscribeOptions::group("g")).await?;
 
     // Bare client → bus: the documented headers, written by hand.
     let foreign = WireMessage {

@@ -124,3 +124,22 @@ pub async fn record_into(
     })
     .await
 }
+
+/// Subscribes a handler that forwards every event it receives to the returned channel.
+pub async fn forward_into(
+    bus: &dyn EventBus,
+    topic: &str,
+    options: SubscribeOptions,
+) -> eventbus::Result<(Subscription, tokio::sync::mpsc::UnboundedReceiver<Envelope>)> {
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let subscription = bus
+        .subscribe_with(topic, options, move |event| {
+            let sender = sender.clone();
+            async move {
+                sender.send(event)?;
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .await?;
+    Ok((subscription, receiver))
+}

@@ -39,6 +39,7 @@ pub mod dispatch;
 pub mod envelope;
 pub mod error;
 pub mod inflight;
+pub mod lifecycle;
 pub mod memory;
 pub mod metrics;
 pub mod subscription;

@@ -25,9 +25,8 @@ use crate::config::BusConfig;
 use crate::dispatch::{DeadLetterSink, Delivery, Dispatcher, Message, NoAck, WorkerSettings};
 use crate::envelope::wire::WireMessage;
 use crate::envelope::{validate_group, validate_topic, Envelope};
-use crate::inflight::PublishWindow;
-use crate::metrics::Counters;
-use crate::subscription::{Subscription, SubscriptionControl, SubscriptionRegistry};
+use crate::lifecycle::BusCore;
+use crate::subscription::{Subscription, SubscriptionControl};
 use crate::{Error, Result};
 
 /// Messages a group fetch task moves from the log to the dispatcher per lock of the log.
@@ -54,13 +53,9 @@ pub struct MemoryBus {
 
 struct Inner {
     config: BusConfig,
-    counters: Arc<Counters>,
-    window: PublishWindow,
+    core: BusCore,
     topics: Mutex<HashMap<String, Arc<Topic>>>,
-    subscriptions: SubscriptionRegistry,
-    closed: AtomicBool,
     health: Mutex<Health>,
-    close_report: tokio::sync::Mutex<Option<CloseReport>>,
     outage: Outage,
 }
 
@@ -127,18 +122,12 @@ impl MemoryBus {
         if config.scheme() != "memory" {
             return Err(Error::Config(format!("MemoryBus needs a memory:// url, got {:?}", config.url)));
         }
-        let counters = Arc::new(Counters::default());
-        let window = PublishWindow::new(&config.publish, counters.clone());
         Ok(Self {
             inner: Arc::new(Inner {
+                core: BusCore::new(&config),
                 config,
-                counters,
-                window,
                 topics: Mutex::new(HashMap::new()),
-                subscriptions: SubscriptionRegistry::new(),
-                closed: AtomicBool::new(false),
                 health: Mutex::new(Health::new(ConnectionState::Connected)),
-                close_report: tokio::sync::Mutex::new(None),
                 outage: Outage {
                     paused: AtomicBool::new(false),
                     held: Mutex::new(None),
@@ -152,7 +141,7 @@ impl MemoryBus {
     /// Meant for tests of undecodable input and interop.
     pub fn publish_raw(&self, topic: &str, message: WireMessage) -> Result<u64> {
         validate_topic(topic)?;
-        self.inner.ensure_open()?;
+        self.inner.core.ensure_open()?;
         Ok(self.inner.topic(topic).append(Stored::Raw(Arc::new(message)), &self.inner.config))
     }
 
@@ -185,7 +174,7 @@ impl MemoryBus {
             }
             outage.paused.store(false, Ordering::Release);
             outage.delivery.send_replace(false);
-            if !self.inner.closed.load(Ordering::Acquire) {
+            if self.inner.core.ensure_open().is_ok() {
                 let mut health = Health::new(ConnectionState::Connected);
                 health.last_error = Some("broker unreachable (paused by MemoryBus::pause)".to_owned());
                 *lock(&self.inner.health) = health;
@@ -208,12 +197,16 @@ impl MemoryBus {
 }
 
 impl Inner {
-    fn ensure_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            Err(Error::Closed)
-        } else {
-            Ok(())
+    /// Everything `publish` checks before anything is sent.
+    fn check(&self, topic: &str, envelope: &Envelope) -> Result<()> {
+        validate_topic(topic)?;
+        envelope.validate()?;
+        let limit = self.config.memory.max_payload;
+        if envelope.payload.len() > limit {
+            let size = envelope.payload.len();
+            return Err(Error::PayloadTooLarge { size, limit, backend: "memory.max_payload".into() });
         }
+        Ok(())
     }
 
     /// During an outage, holds `stored` and returns where its offset will be reported; otherwise gives it back.
@@ -445,33 +438,8 @@ impl DeadLetterSink for MemoryDeadLetters {
 impl EventBus for MemoryBus {
     async fn publish(&self, topic: &str, envelope: Envelope) -> Result<PublishReceipt> {
         let inner = &self.inner;
-        let checked = validate_topic(topic)
-            .and_then(|()| envelope.validate())
-            .map_err(Error::from)
-            .and_then(|()| {
-                let limit = inner.config.memory.max_payload;
-                if envelope.payload.len() > limit {
-                    Err(Error::PayloadTooLarge {
-                        size: envelope.payload.len(),
-                        limit,
-                        backend: "memory.max_payload".into(),
-                    })
-                } else {
-                    Ok(())
-                }
-            })
-            .and_then(|()| inner.ensure_open());
-        if let Err(error) = checked {
-            inner.counters.publish_rejected();
-            return Err(error);
-        }
-        let slot = match inner.window.reserve().await {
-            Ok(slot) => slot,
-            Err(error) => {
-                inner.counters.publish_rejected();
-                return Err(error);
-            }
-        };
+        inner.core.count_rejection(inner.check(topic, &envelope))?;
+        let slot = inner.core.admit().await?;
         let topic = inner.topic(topic);
         let event_id = envelope.event_id;
         let aggregate_id = envelope.aggregate_id.clone();
@@ -482,12 +450,12 @@ impl EventBus for MemoryBus {
                 let ack = async move {
                     stored_at.await.map(|offset| ack.with_sequence(offset)).map_err(|_| Error::ClosedBeforeAck)
                 };
-                inner.window.submit(slot, &topic.name, event_id, &aggregate_id, ack).await
+                inner.core.window.submit(slot, &topic.name, event_id, &aggregate_id, ack).await
             }
             Err(stored) => {
                 let offset = topic.append(stored, &inner.config);
                 let ack = std::future::ready(Ok(ack.with_sequence(offset)));
-                inner.window.submit(slot, &topic.name, event_id, &aggregate_id, ack).await
+                inner.core.window.submit(slot, &topic.name, event_id, &aggregate_id, ack).await
             }
         };
         Ok(receipt)
@@ -502,7 +470,7 @@ impl EventBus for MemoryBus {
         let inner = &self.inner;
         validate_topic(topic)?;
         validate_group(&options.group)?;
-        inner.ensure_open()?;
+        inner.core.ensure_open()?;
         let config = &inner.config;
         let settings = WorkerSettings {
             concurrency: options.concurrency.unwrap_or(config.subscribe.concurrency).max(1),
@@ -514,7 +482,7 @@ impl EventBus for MemoryBus {
         let topic = inner.topic(topic);
         let group = topic.group(&options.group, || {
             let sink = Arc::new(MemoryDeadLetters(Arc::downgrade(inner)));
-            Dispatcher::new(&*topic.name, capacity, inner.counters.clone(), sink)
+            Dispatcher::new(&*topic.name, capacity, inner.core.counters.clone(), sink)
         });
         let stop = CancellationToken::new();
         let abandoned = Arc::new(AtomicUsize::new(0));
@@ -527,11 +495,11 @@ impl EventBus for MemoryBus {
         );
         control.with_tasks(|tasks| group.dispatcher.spawn_workers(tasks, handler, settings, stop, abandoned));
         control.hold(group.join(&topic, inner.outage.delivery.subscribe()));
-        inner.subscriptions.register(control)
+        inner.core.subscriptions.register(control)
     }
 
     fn publish_results(&self) -> Option<PublishResults> {
-        self.inner.window.take_results()
+        self.inner.core.publish_results()
     }
 
     fn health(&self) -> Health {
@@ -539,41 +507,27 @@ impl EventBus for MemoryBus {
     }
 
     fn metrics(&self) -> Metrics {
-        let inner = &self.inner;
-        inner.counters.snapshot(inner.window.in_flight(), inner.subscriptions.live() as u64)
+        self.inner.core.metrics()
     }
 
     async fn close(&self) -> CloseReport {
         let inner = &self.inner;
-        let mut report = inner.close_report.lock().await;
-        if let Some(report) = &*report {
-            return report.clone();
-        }
-        let started = Instant::now();
-        let deadline = started + inner.config.close_timeout;
-        inner.closed.store(true, Ordering::Release);
-        let (unacked, subscriptions) =
-            tokio::join!(inner.window.close(deadline), inner.subscriptions.close_all(deadline));
-        for group in inner.all_groups() {
-            group.stop_fetching(deadline).await;
-        }
-        *lock(&inner.health) = Health::new(ConnectionState::Closed);
-        let closed = CloseReport {
-            timed_out: subscriptions.timed_out || !unacked.is_empty(),
-            unacked,
-            abandoned: subscriptions.abandoned,
-            elapsed: started.elapsed(),
-        };
-        *report = Some(closed.clone());
-        closed
+        inner
+            .core
+            .close(|deadline| async move {
+                for group in inner.all_groups() {
+                    group.stop_fetching(deadline).await;
+                }
+                *lock(&inner.health) = Health::new(ConnectionState::Closed);
+            })
+            .await
     }
 }
 
 impl Drop for MemoryBus {
     fn drop(&mut self) {
         // Dropped without close(): stop everything now rather than leave tasks running.
-        self.inner.closed.store(true, Ordering::Release);
-        self.inner.subscriptions.abort_all();
+        self.inner.core.abort();
         for group in self.inner.all_groups() {
             group.abort_fetching();
         }
@@ -584,7 +538,7 @@ impl std::fmt::Debug for MemoryBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryBus")
             .field("topics", &lock(&self.inner.topics).len())
-            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
+            .field("closed", &self.inner.core.ensure_open().is_err())
             .finish()
     }
 }

@@ -1,7 +1,7 @@
 //! `NatsBus`: the `EventBus` over NATS JetStream.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -10,16 +10,14 @@ use async_nats::jetstream::context::{ContextBuilder, PublishErrorKind};
 use async_nats::{Client, HeaderMap};
 use async_trait::async_trait;
 use eventbus_core::dispatch::{DeadLetterSink, Dispatcher, WorkerSettings};
-use eventbus_core::inflight::PublishWindow;
-use eventbus_core::metrics::Counters;
-use eventbus_core::subscription::{SubscriptionControl, SubscriptionRegistry};
+use eventbus_core::lifecycle::BusCore;
+use eventbus_core::subscription::SubscriptionControl;
 use eventbus_core::wire::{self, WireMessage};
 use eventbus_core::{
     validate_group, validate_topic, BusConfig, CloseReport, ConnectionState, Envelope, Error, EventBus, Handler,
     Health, Metrics, PublishAck, PublishReceipt, PublishResults, Result, SubscribeOptions, Subscription,
     ValidationError,
 };
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::connect::{self, ConnectionEvents};
@@ -35,14 +33,10 @@ pub struct NatsBus {
 
 struct Inner {
     config: BusConfig,
-    counters: Arc<Counters>,
-    window: PublishWindow,
+    core: BusCore,
     events: Arc<ConnectionEvents>,
     /// The connection; taken by `close()`.
     live: RwLock<Option<Arc<Live>>>,
-    subscriptions: SubscriptionRegistry,
-    closed: AtomicBool,
-    close_report: tokio::sync::Mutex<Option<CloseReport>>,
 }
 
 /// What exists while the bus is connected.
@@ -70,19 +64,13 @@ impl NatsBus {
             .backpressure_on_inflight(true)
             .build(client.clone());
         let provisioner = Provisioner::new(js.clone(), config.nats.clone());
-        let counters = Arc::new(Counters::default());
-        let window = PublishWindow::new(&config.publish, counters.clone());
         let live = Live { client, js, provisioner, ack_timeout: config.publish.ack_timeout };
         Ok(Self {
             inner: Arc::new(Inner {
+                core: BusCore::new(&config),
                 config,
-                counters,
-                window,
                 events,
                 live: RwLock::new(Some(Arc::new(live))),
-                subscriptions: SubscriptionRegistry::new(),
-                closed: AtomicBool::new(false),
-                close_report: tokio::sync::Mutex::new(None),
             }),
         })
     }
@@ -95,9 +83,7 @@ impl NatsBus {
 
 impl Inner {
     fn live(&self) -> Result<Arc<Live>> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::Closed);
-        }
+        self.core.ensure_open()?;
         self.live.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(Error::Closed)
     }
 
@@ -179,33 +165,21 @@ impl DeadLetterSink for NatsDeadLetters {
 impl EventBus for NatsBus {
     async fn publish(&self, topic: &str, envelope: Envelope) -> Result<PublishReceipt> {
         let inner = &self.inner;
-        let prepared =
-            inner.live().and_then(|live| inner.check(&live, topic, &envelope).map(|checked| (live, checked)));
-        let (live, (headers, wire)) = match prepared {
-            Ok(prepared) => prepared,
-            Err(error) => {
-                inner.counters.publish_rejected();
-                return Err(error);
-            }
-        };
-        let slot = inner.window.reserve().await.inspect_err(|_| inner.counters.publish_rejected())?;
-        let known = live.provisioner.topic(topic).await.inspect_err(|_| inner.counters.publish_rejected())?;
+        let core = &inner.core;
+        let live = core.count_rejection(inner.live())?;
+        let (headers, wire) = core.count_rejection(inner.check(&live, topic, &envelope))?;
+        let slot = core.admit().await?;
+        let known = core.count_rejection(live.provisioner.topic(topic).await)?;
         let partition = partition_of(&envelope.aggregate_id, live.provisioner.partitions());
         let subject = known.subjects[usize::from(partition)].clone();
-        let sent = live.js.publish_with_headers(subject, headers, wire.payload).await;
-        let ack = match sent {
-            Ok(ack) => ack,
-            Err(error) => {
-                inner.counters.publish_rejected();
-                return Err(publish_error(error));
-            }
-        };
+        let sent = live.js.publish_with_headers(subject, headers, wire.payload).await.map_err(publish_error);
+        let ack = core.count_rejection(sent)?;
         let (event_id, topic_name) = (envelope.event_id, known.name.clone());
         let ack = async move {
             let ack = ack.await.map_err(publish_error)?;
             Ok(PublishAck::new(event_id, &*topic_name).with_sequence(ack.sequence).with_duplicate(ack.duplicate))
         };
-        Ok(inner.window.submit(slot, &known.name, event_id, &envelope.aggregate_id, ack).await)
+        Ok(core.window.submit(slot, &known.name, event_id, &envelope.aggregate_id, ack).await)
     }
 
     async fn subscribe(
@@ -236,7 +210,7 @@ impl EventBus for NatsBus {
 
         let capacity = options.max_in_flight.unwrap_or(config.subscribe.max_in_flight);
         let dispatcher =
-            Dispatcher::new(topic, capacity, inner.counters.clone(), Arc::new(NatsDeadLetters(live.clone())));
+            Dispatcher::new(topic, capacity, inner.core.counters.clone(), Arc::new(NatsDeadLetters(live.clone())));
         let stop = CancellationToken::new();
         let abandoned = Arc::new(AtomicUsize::new(0));
         let control = SubscriptionControl::new(
@@ -252,11 +226,11 @@ impl EventBus for NatsBus {
             tasks.spawn(consume::fetch(topic, consumers, opened, dispatcher.clone(), ack_wait, stop));
         });
         control.release_on_close(dispatcher);
-        inner.subscriptions.register(control)
+        inner.core.subscriptions.register(control)
     }
 
     fn publish_results(&self) -> Option<PublishResults> {
-        self.inner.window.take_results()
+        self.inner.core.publish_results()
     }
 
     fn health(&self) -> Health {
@@ -264,43 +238,33 @@ impl EventBus for NatsBus {
     }
 
     fn metrics(&self) -> Metrics {
-        let inner = &self.inner;
-        inner.counters.snapshot(inner.window.in_flight(), inner.subscriptions.live() as u64)
+        self.inner.core.metrics()
     }
 
     async fn close(&self) -> CloseReport {
         let inner = &self.inner;
-        let mut report = inner.close_report.lock().await;
-        if let Some(report) = &*report {
-            return report.clone();
-        }
-        let started = Instant::now();
-        let deadline = started + inner.config.close_timeout;
-        inner.closed.store(true, Ordering::Release);
-        let (unacked, subscriptions) =
-            tokio::join!(inner.window.close(deadline), inner.subscriptions.close_all(deadline));
-        let live = inner.live.write().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(live) = live {
-            // Acks and terms of the last handled messages are written before the connection goes away.
-            let _ = tokio::time::timeout_at(deadline, live.client.flush()).await;
-            let closed = inner.events.closed.notified();
-            if live.client.drain().await.is_ok() {
-                let _ = tokio::time::timeout_at(deadline, closed).await;
-            }
-        }
-        inner.events.set_state(ConnectionState::Closed, None);
-        let timed_out = subscriptions.timed_out || !unacked.is_empty() || Instant::now() > deadline;
-        let closed = CloseReport::new(unacked, subscriptions.abandoned, timed_out, started.elapsed());
-        *report = Some(closed.clone());
-        closed
+        inner
+            .core
+            .close(|deadline| async move {
+                let live = inner.live.write().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(live) = live {
+                    // Acks and terms of the last handled messages are written before the connection goes away.
+                    let _ = tokio::time::timeout_at(deadline, live.client.flush()).await;
+                    let closed = inner.events.closed.notified();
+                    if live.client.drain().await.is_ok() {
+                        let _ = tokio::time::timeout_at(deadline, closed).await;
+                    }
+                }
+                inner.events.set_state(ConnectionState::Closed, None);
+            })
+            .await
     }
 }
 
 impl Drop for NatsBus {
     fn drop(&mut self) {
         // Dropped without close(): stop every subscription now; the connection closes with its last handle.
-        self.inner.closed.store(true, Ordering::Release);
-        self.inner.subscriptions.abort_all();
+        self.inner.core.abort();
         self.inner.live.write().unwrap_or_else(|p| p.into_inner()).take();
     }
 }

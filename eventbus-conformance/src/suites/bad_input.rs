@@ -7,13 +7,12 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure};
 use eventbus::{Envelope, Error, EventBusExt, SubscribeOptions, ValidationError};
-use tokio::sync::mpsc;
 
 use super::DELIVERY_DEADLINE;
 use crate::backend::Backend;
 use crate::harness::figures;
 use crate::recorder::Recorder;
-use crate::workload::{record_into, unique};
+use crate::workload::{forward_into, record_into, unique};
 
 const SUITE: &str = "bad_input";
 
@@ -133,16 +132,7 @@ async fn payload_limit(backend: &dyn Backend) -> anyhow::Result<()> {
     let connection = backend.connect(backend.config()).await?;
     let bus = &*connection.bus;
     let topic = unique("bad-input-size");
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let subscription = bus
-        .subscribe_with(&topic, SubscribeOptions::group("g"), move |event| {
-            let tx = tx.clone();
-            async move {
-                tx.send(event)?;
-                Ok(())
-            }
-        })
-        .await?;
+    let (subscription, mut rx) = forward_into(bus, &topic, SubscribeOptions::group("g")).await?;
     // Leave room for the metadata headers, which count towards the limit on some brokers.
     let near: Vec<u8> = (0..limit - 4096).map(|i| (i % 251) as u8).collect();
     let near = Envelope::builder("big", "Large").payload(near).build()?;

@@ -8,13 +8,12 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, ensure, Context};
 use eventbus::{Envelope, Error, EventBus, EventBusExt, HandlerError, SubscribeOptions, ValidationError};
-use tokio::sync::mpsc;
 
 use super::DELIVERY_DEADLINE;
 use crate::backend::{Backend, Connection};
 use crate::harness::{figures, not_run};
 use crate::recorder::Recorder;
-use crate::workload::{record_into, unique, Workload};
+use crate::workload::{forward_into, record_into, unique, Workload};
 
 const SUITE: &str = "delivery";
 
@@ -41,16 +40,7 @@ pub async fn run(backend: &dyn Backend) -> anyhow::Result<()> {
 async fn round_trip(backend: &dyn Backend, connection: &Connection) -> anyhow::Result<()> {
     let bus = &*connection.bus;
     let topic = unique("delivery-roundtrip");
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let subscription = bus
-        .subscribe_with(&topic, SubscribeOptions::group("g"), move |event| {
-            let tx = tx.clone();
-            async move {
-                tx.send(event)?;
-                Ok(())
-            }
-        })
-        .await?;
+    let (subscription, mut rx) = forward_into(bus, &topic, SubscribeOptions::group("g")).await?;
     let payload: Vec<u8> = (0..=255u8).chain([0, 0xff, b'\n', b'"']).collect();
     let sent = Envelope::builder("account:7/eu.west_1-a", "Funds Moved")
         .version(42)

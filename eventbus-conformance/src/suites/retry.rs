@@ -10,14 +10,13 @@ use std::time::Duration;
 use anyhow::{ensure, Context};
 use bytes::Bytes;
 use eventbus::wire::{self, WireMessage};
-use eventbus::{Envelope, EventBusExt, EventId, HandlerError, SubscribeOptions};
-use tokio::sync::mpsc;
+use eventbus::{EventBusExt, EventId, HandlerError, SubscribeOptions};
 
 use super::{quick_retry, DELIVERY_DEADLINE};
 use crate::backend::{Backend, Connection};
 use crate::harness::{figures, not_run};
 use crate::recorder::Recorder;
-use crate::workload::{record_into, Workload};
+use crate::workload::{forward_into, record_into, Workload};
 
 const SUITE: &str = "retry";
 
@@ -106,17 +105,8 @@ async fn dead_letters(backend: &dyn Backend, connection: &Connection) -> anyhow:
         })
         .await?
     };
-    let (dlq_tx, mut dlq_rx) = mpsc::unbounded_channel();
     let dead_letter_topic = backend.config().dead_letter.topic_for(topic);
-    let dlq_reader = bus
-        .subscribe_with(&dead_letter_topic, SubscribeOptions::group("dlq-reader"), move |event: Envelope| {
-            let dlq_tx = dlq_tx.clone();
-            async move {
-                dlq_tx.send(event)?;
-                Ok(())
-            }
-        })
-        .await?;
+    let (dlq_reader, mut dlq_rx) = forward_into(bus, &dead_letter_topic, SubscribeOptions::group("dlq-reader")).await?;
     let published = workload.publish(connection.bus.clone()).await;
     let mut dead = Vec::new();
     while dead.len() < 2 {
