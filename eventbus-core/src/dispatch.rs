@@ -77,6 +77,13 @@ pub trait Acker: Send + Sync + 'static {
     /// deliver it to another member at once. Defaults to nothing: the broker redelivers it in its own time.
     async fn release(self: Box<Self>) {}
 
+    /// Whether this consumer still owns the message. A message whose partition was handed to another member
+    /// of the group (a rebalance) is skipped without being handled or acked: the new owner handles it.
+    /// Defaults to `true`.
+    fn is_current(&self) -> bool {
+        true
+    }
+
     /// How often to tell the broker, while the message is handled or waits for a retry, that it is still being
     /// worked on ([`in_progress`](Self::in_progress)). `None` (the default) for brokers without a redelivery
     /// timer.
@@ -118,6 +125,10 @@ pub struct WorkerSettings {
     /// Dead-letter topic; `None` when dead-lettering is off (the message is then logged and acked).
     pub dead_letter_topic: Option<String>,
 }
+
+/// Room for one delivery in a [`Dispatcher`], from [`Dispatcher::reserve`].
+#[derive(Debug)]
+pub struct DispatchSlot(OwnedSemaphorePermit);
 
 /// A keyed dispatcher for one topic and consumer group.
 #[derive(Clone)]
@@ -166,10 +177,20 @@ impl Dispatcher {
     /// Queues a delivery behind earlier ones of its key, waiting while the dispatcher is full. Cancel-safe:
     /// if the returned future is dropped before it completes, nothing was queued.
     pub async fn dispatch(&self, delivery: Delivery) {
-        let Ok(permit) = self.shared.capacity.clone().acquire_owned().await else {
-            return;
-        };
-        let queued = Queued { delivery, attempts: 0, _permit: permit };
+        let slot = self.reserve().await;
+        self.push(slot, delivery);
+    }
+
+    /// Waits for room for one delivery. Reserving before taking a message lets a source that is told to stop
+    /// in the meantime hand the message back. Cancel-safe.
+    pub async fn reserve(&self) -> DispatchSlot {
+        let permit = self.shared.capacity.clone().acquire_owned().await;
+        DispatchSlot(permit.expect("the dispatcher never closes its semaphore"))
+    }
+
+    /// Queues `delivery` in the room `slot` reserved.
+    pub fn push(&self, slot: DispatchSlot, delivery: Delivery) {
+        let queued = Queued { delivery, attempts: 0, _permit: slot.0 };
         // A key has a queue exactly while it is scheduled: waiting in the ready channel or held by a worker.
         // Only a key without one is sent to the ready channel, so no two workers ever hold the same key.
         let newly_ready = {
@@ -227,19 +248,50 @@ impl Dispatcher {
     }
 }
 
-/// Runs `work`, telling the broker at the acker's interval that the delivery is still being worked on.
-async fn keep_alive<F: Future>(acker: &dyn Acker, work: F) -> F::Output {
-    let Some(every) = acker.progress_interval() else {
-        return work.await;
-    };
-    tokio::pin!(work);
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    loop {
-        tokio::select! {
-            output = &mut work => return output,
-            _ = ticks.tick() => acker.in_progress().await,
+/// Tells the broker at the acker's interval that a delivery is still being worked on, across every handler
+/// call and backoff of that delivery.
+struct KeepAlive {
+    ticks: Option<tokio::time::Interval>,
+}
+
+impl KeepAlive {
+    fn new(acker: &dyn Acker) -> Self {
+        let ticks = acker.progress_interval().map(|every| {
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks
+        });
+        Self { ticks }
+    }
+
+    /// Runs `work`, sending progress notices while it runs.
+    async fn run<F: Future>(&mut self, acker: &dyn Acker, work: F) -> F::Output {
+        let Some(ticks) = &mut self.ticks else {
+            return work.await;
+        };
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                output = &mut work => return output,
+                _ = ticks.tick() => acker.in_progress().await,
+            }
         }
     }
+}
+
+/// `reason` as a header value: control characters (a multi-line panic message) become spaces, and it is cut
+/// to a length every broker accepts.
+fn header_safe(reason: &str) -> String {
+    const MAX: usize = 1024;
+    let mut safe: String = reason.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if safe.len() > MAX {
+        let mut cut = MAX;
+        while !safe.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        safe.truncate(cut);
+    }
+    safe
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> &str {
@@ -341,12 +393,18 @@ impl Worker {
                 let mut wire = wire.clone();
                 let reason = format!("undecodable: {error}");
                 tracing::warn!(topic = %self.shared.topic, %reason, "dead-lettering a message that cannot be decoded");
-                wire.set_header(wire::DEAD_LETTER_REASON, reason);
+                wire.set_header(wire::DEAD_LETTER_REASON, header_safe(&reason));
                 wire.set_header(wire::DEAD_LETTER_ATTEMPTS, "0");
                 return self.dead_letter_and_ack(held, wire).await;
             }
         };
+        let mut keep_alive = KeepAlive::new(&*held.item.as_ref().expect("a held delivery").delivery.acker);
         loop {
+            if !held.item.as_ref().expect("a held delivery").delivery.acker.is_current() {
+                tracing::debug!(topic = %self.shared.topic, "skipping a delivery whose partition was reassigned");
+                held.item = None;
+                return Outcome::Settled;
+            }
             let attempts = {
                 let item = held.item.as_mut().expect("a held delivery");
                 item.attempts += 1;
@@ -356,7 +414,8 @@ impl Worker {
             // A panicking handler is a failed attempt like any other: the worker survives it.
             let call = AssertUnwindSafe(self.handler.handle((*envelope).clone())).catch_unwind();
             let call = tokio::time::timeout(self.settings.handler_timeout, call);
-            let reason = match keep_alive(&*held.item.as_ref().expect("a held delivery").delivery.acker, call).await {
+            let reason = match keep_alive.run(&*held.item.as_ref().expect("a held delivery").delivery.acker, call).await
+            {
                 Ok(Err(panic)) => format!("handler panicked: {}", panic_message(&*panic)),
                 Ok(Ok(outcome)) => match outcome {
                     Ok(()) => {
@@ -389,7 +448,7 @@ impl Worker {
             );
             let acker = &*held.item.as_ref().expect("a held delivery").delivery.acker;
             tokio::select! {
-                _ = keep_alive(acker, tokio::time::sleep(self.settings.retry.backoff(attempts))) => {}
+                _ = keep_alive.run(acker, tokio::time::sleep(self.settings.retry.backoff(attempts))) => {}
                 _ = self.stop.cancelled() => return Outcome::Stopped,
             }
         }
@@ -402,7 +461,7 @@ impl Worker {
             %reason, "dead-lettering"
         );
         let mut wire = wire::encode(envelope);
-        wire.set_header(wire::DEAD_LETTER_REASON, reason);
+        wire.set_header(wire::DEAD_LETTER_REASON, header_safe(&reason));
         wire.set_header(wire::DEAD_LETTER_ATTEMPTS, attempts.to_string());
         self.dead_letter_and_ack(held, wire).await
     }
@@ -449,6 +508,14 @@ mod tests {
     fn delivery(aggregate: &str, version: u64) -> Delivery {
         let envelope = Envelope::builder(aggregate, "T").version(version).payload("p").build().unwrap();
         Delivery { message: Message::Event(Arc::new(envelope)), acker: Box::new(NoAck) }
+    }
+
+    #[test]
+    fn dead_letter_reasons_fit_in_a_header() {
+        assert_eq!(header_safe("assertion failed\n  left: 1\n right: 2"), "assertion failed   left: 1  right: 2");
+        let long = "é".repeat(2000);
+        let safe = header_safe(&long);
+        assert!(safe.len() <= 1024 && safe.chars().all(|c| c == 'é'));
     }
 
     /// A delivery dispatched while an earlier one of its key is being handled waits for it, even when the

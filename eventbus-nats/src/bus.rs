@@ -93,7 +93,7 @@ impl Inner {
         envelope.validate()?;
         let wire = wire::encode(envelope);
         let size = wire.payload.len() + wire.headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum::<usize>() + 64;
-        let limit = live.client.server_info().max_payload;
+        let limit = live.client.max_payload();
         if size > limit {
             return Err(Error::PayloadTooLarge { size, limit, backend: "the NATS server's max_payload".into() });
         }
@@ -172,7 +172,12 @@ impl EventBus for NatsBus {
         let known = core.count_rejection(live.provisioner.topic(topic).await)?;
         let partition = partition_of(&envelope.aggregate_id, live.provisioner.partitions());
         let subject = known.subjects[usize::from(partition)].clone();
-        let sent = live.js.publish_with_headers(subject, headers, wire.payload).await.map_err(publish_error);
+        // Queuing on the client waits only while its send queue is full: bounded like the window itself.
+        let enqueue_timeout = inner.config.publish.enqueue_timeout;
+        let sent = tokio::time::timeout(enqueue_timeout, live.js.publish_with_headers(subject, headers, wire.payload))
+            .await
+            .map_err(|_| Error::Backpressure { window: inner.config.publish.window, waited: enqueue_timeout })
+            .and_then(|sent| sent.map_err(publish_error));
         let ack = core.count_rejection(sent)?;
         let (event_id, topic_name) = (envelope.event_id, known.name.clone());
         let ack = async move {
@@ -202,7 +207,14 @@ impl EventBus for NatsBus {
             retry,
             dead_letter_topic: config.dead_letter.enabled.then(|| config.dead_letter.topic_for(topic)),
         };
-        let consumers = live.provisioner.consumers(topic, &options.group, ack_wait).await?;
+        if let Some(dead_letter_topic) = &settings.dead_letter_topic {
+            // Provisioned now, so a dead-letter stream that cannot exist fails the subscribe, not a message later.
+            live.provisioner.topic(dead_letter_topic).await?;
+        }
+        let (consumers, ack_waits): (Vec<_>, Vec<_>) =
+            live.provisioner.consumers(topic, &options.group, ack_wait).await?.into_iter().unzip();
+        // The server's ack wait rules, whatever the configuration says.
+        let ack_wait = ack_waits.into_iter().min().unwrap_or(ack_wait);
         let opened = futures_util::future::try_join_all(
             consumers.iter().enumerate().map(|(partition, consumer)| consume::open(partition as u16, consumer.clone())),
         )
@@ -251,7 +263,7 @@ impl EventBus for NatsBus {
                     // Acks and terms of the last handled messages are written before the connection goes away.
                     let _ = tokio::time::timeout_at(deadline, live.client.flush()).await;
                     let closed = inner.events.closed.notified();
-                    if live.client.drain().await.is_ok() {
+                    if let Ok(Ok(())) = tokio::time::timeout_at(deadline, live.client.drain()).await {
                         let _ = tokio::time::timeout_at(deadline, closed).await;
                     }
                 }

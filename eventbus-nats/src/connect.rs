@@ -82,6 +82,8 @@ pub(crate) async fn connect(config: &BusConfig, events: Arc<ConnectionEvents>) -
         .connection_timeout(config.connect_timeout)
         .request_timeout(Some(nats.request_timeout))
         .ping_interval(nats.ping_interval)
+        // Room on the client for a full window of publishes plus their acks, so queuing there never waits.
+        .client_capacity((config.publish.window * 2).max(2048))
         .max_reconnects(nats.reconnect.max_attempts)
         .reconnect_delay_callback(move |attempts| reconnect_delay(attempts, max_delay))
         .event_callback(move |event| {

@@ -66,7 +66,7 @@ pub(crate) async fn fetch(
     loop {
         let pulled = tokio::select! {
             biased;
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
             Some((partition, reopened)) = reopening.next(), if !reopening.is_empty() => {
                 match reopened {
                     Ok(stream) => streams.push(stream),
@@ -82,19 +82,28 @@ pub(crate) async fn fetch(
         match pulled {
             Pulled::Message(Ok(message)) => {
                 let delivery = delivery(message, ack_wait / 3);
-                tokio::select! {
+                let slot = tokio::select! {
                     biased;
-                    // Never dispatched: the message stays unacked and returns after its ack wait.
-                    _ = stop.cancelled() => return,
-                    _ = dispatcher.dispatch(delivery) => {}
-                }
+                    _ = stop.cancelled() => {
+                        delivery.acker.release().await;
+                        break;
+                    }
+                    slot = dispatcher.reserve() => slot,
+                };
+                dispatcher.push(slot, delivery);
             }
             // Missed heartbeats and failed pulls are reported by the stream and recovered by it.
-            Pulled::Message(Err(error)) => tracing::debug!(%topic, %error, "pull stream reported an error"),
+            Pulled::Message(Err(error)) => tracing::warn!(%topic, %error, "pull stream reported an error"),
             Pulled::Ended(partition) => {
                 tracing::warn!(%topic, partition, "pull stream ended; re-opening it");
                 reopening.push(reopen(partition, consumers[usize::from(partition)].clone()));
             }
+        }
+    }
+    // Messages the client already received for this subscription go back to the group too.
+    while let Some(Some(pulled)) = streams.next().now_or_never() {
+        if let Pulled::Message(Ok(message)) = pulled {
+            delivery(message, ack_wait / 3).acker.release().await;
         }
     }
 }

@@ -12,10 +12,10 @@
 //! that aggregates sharing a partition wait for each other: raise `nats.partitions` for more parallelism.
 //!
 //! Publishing goes through one JetStream context whose in-flight limit equals the bus's window; one collector
-//! task settles the acks. Handler failures are retried in place with an in-progress notice to the server
-//! before each attempt, so it never redelivers a message that is merely being retried; messages that are
-//! dead-lettered are terminated (`Term`), and messages left unhandled by a closing subscription are handed
-//! back at once (`Nak`).
+//! task settles the acks. While a message is handled or retried in place, the bus tells the server it is in
+//! progress every third of the consumer's ack wait, so the server never redelivers work that is still going
+//! on; messages that are dead-lettered are terminated (`Term`), and messages a closing subscription fetched but
+//! did not handle are handed back (`Nak`, delayed until the closing member's pending pull requests expired).
 //!
 //! ```no_run
 //! use eventbus_core::{BusConfig, Envelope, EventBus, EventBusExt, SubscribeOptions};

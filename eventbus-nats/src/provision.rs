@@ -5,8 +5,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
 use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
 use async_nats::jetstream::Context;
+use async_nats::jetstream::ErrorCode;
 use eventbus_core::config::{NatsConfig, Provisioning, RetentionKind, StorageKind};
 use eventbus_core::{Error, Result};
 
@@ -66,7 +68,8 @@ impl Provisioner {
                 _ => RetentionPolicy::Limits,
             },
             max_age: settings.max_age,
-            max_bytes: settings.max_bytes.map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+            // The server stores "no limit" as -1, whether it was asked for 0 or nothing.
+            max_bytes: settings.max_bytes.filter(|&b| b > 0).map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
             duplicate_window: settings.duplicate_window,
             num_replicas: usize::from(settings.replicas.max(1)),
             ..Default::default()
@@ -75,16 +78,19 @@ impl Provisioner {
 
     async fn ensure_stream(&self, topic: &str) -> Result<()> {
         let desired = self.desired_stream(topic);
-        let name = desired.name.clone();
-        let what = format!("stream {name}");
+        let what = format!("stream {}", desired.name);
         let timeout = self.config.request_timeout;
         match self.config.provisioning {
             Provisioning::ValidateOnly => {
-                let mut stream =
-                    within(timeout, &what, self.js.get_stream(&name)).await.map_err(|_| Error::Mismatch {
-                        what: what.clone(),
-                        detail: "it does not exist, and provisioning is validate-only".into(),
-                    })?;
+                let mut stream = match tokio::time::timeout(timeout, self.js.get_stream(&desired.name)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) if matches!(error.kind(), GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+                    {
+                        return Err(missing(what));
+                    }
+                    Ok(Err(error)) => return Err(failed(&what, error)),
+                    Err(_) => return Err(timed_out(&what, timeout)),
+                };
                 let info = within(timeout, &what, stream.info()).await?;
                 compare(&info.config, &desired).map_err(|detail| Error::Mismatch { what, detail })
             }
@@ -96,15 +102,21 @@ impl Provisioner {
     }
 
     /// One durable pull consumer of `group` per partition of `topic`, each allowed one unacknowledged
-    /// message, so a partition is handled by one member of the group at a time.
-    pub(crate) async fn consumers(&self, topic: &str, group: &str, ack_wait: Duration) -> Result<Vec<PullConsumer>> {
+    /// message, so a partition is handled by one member of the group at a time. Returns each consumer with the
+    /// ack wait the server holds for it.
+    pub(crate) async fn consumers(
+        &self,
+        topic: &str,
+        group: &str,
+        ack_wait: Duration,
+    ) -> Result<Vec<(PullConsumer, Duration)>> {
         self.topic(topic).await?;
         let stream_name = naming::stream_name(&self.config.stream_prefix, topic);
         let timeout = self.config.request_timeout;
         let stream = within(timeout, &format!("stream {stream_name}"), self.js.get_stream(&stream_name)).await?;
         let wanted = (0..self.config.partitions).map(|partition| {
             let name = naming::durable_name(group, partition);
-            let config = pull::Config {
+            let desired = pull::Config {
                 durable_name: Some(name.clone()),
                 filter_subject: naming::subject(&self.config.subject_prefix, topic, partition),
                 ack_policy: AckPolicy::Explicit,
@@ -116,20 +128,49 @@ impl Provisioner {
             let (stream, stream_name) = (&stream, &stream_name);
             async move {
                 let what = format!("consumer {name} of stream {stream_name}");
-                match self.config.provisioning {
+                let mut consumer: PullConsumer = match self.config.provisioning {
                     Provisioning::ValidateOnly => {
-                        within(timeout, &what, stream.get_consumer(&name)).await.map_err(|_| Error::Mismatch {
-                            what,
-                            detail: "it does not exist, and provisioning is validate-only".into(),
-                        })
+                        match tokio::time::timeout(timeout, stream.consumer_info(&name)).await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(error)) if error.kind() == ConsumerInfoErrorKind::NotFound => {
+                                return Err(missing(what))
+                            }
+                            Ok(Err(error)) => return Err(failed(&what, error)),
+                            Err(_) => return Err(timed_out(&what, timeout)),
+                        }
+                        within(timeout, &what, stream.get_consumer(&name)).await?
                     }
-                    Provisioning::CreateOrUpdate => within(timeout, &what, stream.create_consumer(config)).await,
-                    _ => within(timeout, &what, stream.get_or_create_consumer(&name, config)).await,
+                    Provisioning::CreateOrUpdate => {
+                        within(timeout, &what, stream.create_consumer(desired.clone())).await?
+                    }
+                    _ => within(timeout, &what, stream.get_or_create_consumer(&name, desired.clone())).await?,
+                };
+                let actual = within(timeout, &what, consumer.info()).await?.config.clone();
+                // An existing consumer with other settings would silently lose the order across members.
+                let differences = [
+                    (actual.max_ack_pending != 1)
+                        .then(|| format!("max_ack_pending is {}, the bus needs 1", actual.max_ack_pending)),
+                    (actual.filter_subject != desired.filter_subject).then(|| {
+                        format!(
+                            "filter_subject is {:?}, the bus needs {:?}",
+                            actual.filter_subject, desired.filter_subject
+                        )
+                    }),
+                    (actual.ack_policy != AckPolicy::Explicit).then(|| "ack_policy is not explicit".to_owned()),
+                ];
+                let differences: Vec<String> = differences.into_iter().flatten().collect();
+                if !differences.is_empty() {
+                    return Err(Error::Mismatch { what, detail: differences.join("; ") });
                 }
+                Ok((consumer, actual.ack_wait))
             }
         });
         futures_util::future::try_join_all(wanted).await
     }
+}
+
+fn missing(what: String) -> Error {
+    Error::Mismatch { what, detail: "it does not exist, and provisioning is validate-only".into() }
 }
 
 /// Runs a management request under the request deadline, turning every failure into a bus error.
@@ -140,15 +181,18 @@ async fn within<T, E: Into<Box<dyn std::error::Error + Send + Sync>>>(
 ) -> Result<T> {
     match tokio::time::timeout(timeout, request.into_future()).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => {
-            let error: Box<dyn std::error::Error + Send + Sync> = error.into();
-            Err(Error::Broker { message: format!("{what}: {error}"), source: Some(Arc::from(error)) })
-        }
-        Err(_) => Err(Error::Broker {
-            message: format!("{what}: no answer within {timeout:?} (nats.request_timeout)"),
-            source: None,
-        }),
+        Ok(Err(error)) => Err(failed(what, error)),
+        Err(_) => Err(timed_out(what, timeout)),
     }
+}
+
+fn failed(what: &str, error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+    let error: Box<dyn std::error::Error + Send + Sync> = error.into();
+    Error::Broker { message: format!("{what}: {error}"), source: Some(Arc::from(error)) }
+}
+
+fn timed_out(what: &str, timeout: Duration) -> Error {
+    Error::Broker { message: format!("{what}: no answer within {timeout:?} (nats.request_timeout)"), source: None }
 }
 
 /// Which settings of the broker's stream differ from the configuration.
