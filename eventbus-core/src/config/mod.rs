@@ -18,11 +18,13 @@
 //! # Ok::<(), serde_json::Error>(())
 //! ```
 
+mod kafka;
 mod nats;
 mod secret;
 
 use std::time::Duration;
 
+pub use kafka::{KafkaConfig, KafkaProperties, KafkaSasl, KafkaTls, KafkaTopicConfig, SecurityProtocol};
 pub use nats::{
     NatsAuth, NatsConfig, NatsStreamConfig, NatsTls, Provisioning, ReconnectConfig, RetentionKind, StorageKind,
 };
@@ -67,6 +69,8 @@ pub struct BusConfig {
     pub memory: MemoryConfig,
     /// Settings of the NATS JetStream backend (used when `url` is `nats://...`).
     pub nats: NatsConfig,
+    /// Settings of the Kafka backend (used when `url` is `kafka://...`).
+    pub kafka: KafkaConfig,
 }
 
 impl Default for BusConfig {
@@ -81,6 +85,7 @@ impl Default for BusConfig {
             close_timeout: Duration::from_secs(10),
             memory: MemoryConfig::default(),
             nats: NatsConfig::default(),
+            kafka: KafkaConfig::default(),
         }
     }
 }
@@ -123,8 +128,20 @@ impl BusConfig {
         if self.nats.partitions == 0 {
             return Err(Error::Config("nats.partitions must be at least 1".into()));
         }
+        let stream = &self.nats.stream;
+        if stream.duplicate_window.is_zero() || (!stream.max_age.is_zero() && stream.duplicate_window > stream.max_age)
+        {
+            return Err(Error::Config(
+                "nats.stream.duplicate_window must be greater than zero and not above nats.stream.max_age".into(),
+            ));
+        }
         if self.nats.ack_wait < Duration::from_secs(1) {
             return Err(Error::Config("nats.ack_wait must be at least 1s".into()));
+        }
+        if self.kafka.topic.partitions < 1 || self.kafka.topic.replication_factor < 1 {
+            return Err(Error::Config(
+                "kafka.topic.partitions and kafka.topic.replication_factor must be at least 1".into(),
+            ));
         }
         if self.dead_letter.enabled {
             validate_topic(&self.dead_letter.topic_for("topic")).map_err(|e| {

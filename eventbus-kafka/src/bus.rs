@@ -1,0 +1,330 @@
+//! `KafkaBus`: the `EventBus` over Kafka.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use eventbus_core::dispatch::{DeadLetterSink, Dispatcher, WorkerSettings};
+use eventbus_core::lifecycle::BusCore;
+use eventbus_core::subscription::SubscriptionControl;
+use eventbus_core::wire::{self, WireMessage};
+use eventbus_core::{
+    validate_group, validate_topic, BusConfig, CloseReport, ConnectionState, Envelope, Error, EventBus, Handler,
+    Health, Metrics, PublishAck, PublishReceipt, PublishResults, Result, SubscribeOptions, Subscription,
+};
+use rdkafka::admin::AdminClient;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{self, millis, BusContext, Connection};
+use crate::consume::{self, GroupContext};
+use crate::provision::Provisioner;
+use crate::tracker::Tracker;
+
+/// The Kafka backend. See the [crate documentation](crate).
+pub struct KafkaBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: BusConfig,
+    core: BusCore,
+    connection: Arc<Connection>,
+    /// The producer and admin client; taken by `close()`.
+    live: RwLock<Option<Arc<Live>>>,
+}
+
+struct Live {
+    producer: FutureProducer<BusContext>,
+    provisioner: Provisioner,
+    ack_timeout: Duration,
+}
+
+impl KafkaBus {
+    /// Creates the producer and checks that a broker answers, within `connect_timeout`.
+    pub async fn connect(config: BusConfig) -> Result<Self> {
+        config.validate()?;
+        let connection = Arc::new(Connection::default());
+        let context = BusContext { connection: connection.clone() };
+        let kafka = &config.kafka;
+        let producer: FutureProducer<BusContext> = client::base(&config)?
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", millis(kafka.linger))
+            .set("batch.size", kafka.batch_size.to_string())
+            .set("message.max.bytes", (kafka.max_message_bytes + 64 * 1024).to_string())
+            // librdkafka gives up on a record at the same deadline as the bus's window.
+            .set("message.timeout.ms", millis(config.publish.ack_timeout))
+            // The bus's window holds publishers back long before librdkafka's own queue is full.
+            .set("queue.buffering.max.messages", (config.publish.window * 2).max(100_000).to_string())
+            .create_with_context(context.clone())
+            .map_err(|e| Error::Config(format!("cannot create the Kafka producer: {e}")))?;
+        let admin: AdminClient<BusContext> = client::base(&config)?
+            .create_with_context(context)
+            .map_err(|e| Error::Config(format!("cannot create the Kafka admin client: {e}")))?;
+        let shown = config.url.clone();
+        // A metadata request proves a broker answers; it blocks, so it runs off the async runtime.
+        let probe = producer.clone();
+        let timeout = config.connect_timeout;
+        let reached = tokio::task::spawn_blocking(move || probe.client().fetch_metadata(None, timeout).map(drop)).await;
+        match reached {
+            Ok(Ok(())) => connection.set(ConnectionState::Connected, None),
+            Ok(Err(error)) => {
+                drop_off_runtime(producer, admin).await;
+                return Err(Error::Connect {
+                    url: shown,
+                    message: format!("no broker answered within {timeout:?}: {error}"),
+                });
+            }
+            Err(error) => return Err(Error::Connect { url: shown, message: error.to_string() }),
+        }
+        let provisioner = Provisioner::new(admin, kafka.clone(), config.connect_timeout.max(Duration::from_secs(5)));
+        let live = Live { producer, provisioner, ack_timeout: config.publish.ack_timeout };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                core: BusCore::new(&config),
+                config,
+                connection,
+                live: RwLock::new(Some(Arc::new(live))),
+            }),
+        })
+    }
+}
+
+/// Destroys librdkafka clients on a blocking thread: destruction waits on their threads and the network.
+async fn drop_off_runtime<T: Send + 'static, U: Send + 'static>(a: T, b: U) {
+    let _ = tokio::task::spawn_blocking(move || drop((a, b))).await;
+}
+
+impl Inner {
+    fn live(&self) -> Result<Arc<Live>> {
+        self.core.ensure_open()?;
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(Error::Closed)
+    }
+
+    /// Everything `publish` checks before anything is sent.
+    fn check(&self, topic: &str, envelope: &Envelope) -> Result<WireMessage> {
+        validate_topic(topic)?;
+        envelope.validate()?;
+        let wire = wire::encode(envelope);
+        let size = wire.payload.len() + wire.headers.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>();
+        let limit = self.config.kafka.max_message_bytes;
+        if size > limit {
+            return Err(Error::PayloadTooLarge { size, limit, backend: "kafka.max_message_bytes".into() });
+        }
+        Ok(wire)
+    }
+}
+
+fn headers(wire: &WireMessage) -> OwnedHeaders {
+    wire.headers.iter().fold(OwnedHeaders::new_with_capacity(wire.headers.len()), |headers, (key, value)| {
+        headers.insert(Header { key, value: Some(value.as_bytes()) })
+    })
+}
+
+fn delivery_error(error: KafkaError, ack_timeout: Duration) -> Error {
+    match error.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::MessageTimedOut) => Error::AckTimeout(ack_timeout),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
+            Error::Broker { message: format!("the broker refused the record as too large: {error}"), source: None }
+        }
+        _ => Error::broker("delivery failed", error),
+    }
+}
+
+impl Live {
+    /// Sends a record and waits for its delivery report (dead letters).
+    async fn send_and_wait(&self, topic: &str, wire: WireMessage) -> Result<()> {
+        let topic = self.provisioner.topic(topic).await?;
+        let key = wire.header(wire::AGGREGATE_ID).map(str::to_owned);
+        let mut record = FutureRecord::<str, [u8]>::to(&topic).payload(&wire.payload).headers(headers(&wire));
+        if let Some(key) = &key {
+            record = record.key(key.as_str());
+        }
+        let delivery = self
+            .producer
+            .send_result(record)
+            .map_err(|(error, _)| Error::broker("the producer refused the record", error))?;
+        match tokio::time::timeout(self.ack_timeout, delivery).await {
+            Ok(Ok(Ok(_))) => Ok(()),
+            Ok(Ok(Err((error, _)))) => Err(delivery_error(error, self.ack_timeout)),
+            Ok(Err(_)) => Err(Error::ClosedBeforeAck),
+            Err(_) => Err(Error::AckTimeout(self.ack_timeout)),
+        }
+    }
+}
+
+/// Dead-letters through the bus's producer.
+struct KafkaDeadLetters(Arc<Live>);
+
+#[async_trait]
+impl DeadLetterSink for KafkaDeadLetters {
+    async fn dead_letter(&self, topic: &str, message: WireMessage) -> Result<()> {
+        self.0.send_and_wait(topic, message).await
+    }
+}
+
+#[async_trait]
+impl EventBus for KafkaBus {
+    async fn publish(&self, topic: &str, envelope: Envelope) -> Result<PublishReceipt> {
+        let inner = &self.inner;
+        let core = &inner.core;
+        let live = core.count_rejection(inner.live())?;
+        let wire = core.count_rejection(inner.check(topic, &envelope))?;
+        let slot = core.admit().await?;
+        let known = core.count_rejection(live.provisioner.topic(topic).await)?;
+        let record = FutureRecord::<str, [u8]>::to(&known)
+            .key(envelope.aggregate_id.as_str())
+            .payload(&wire.payload)
+            .headers(headers(&wire));
+        let sent = live.producer.send_result(record).map_err(|(error, _)| match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::QueueFull) => {
+                Error::Backpressure { window: inner.config.publish.window, waited: Duration::ZERO }
+            }
+            _ => Error::broker("the producer refused the record", error),
+        });
+        let delivery = core.count_rejection(sent)?;
+        let (event_id, topic_name, ack_timeout) = (envelope.event_id, known.clone(), live.ack_timeout);
+        let connection = inner.connection.clone();
+        let ack = async move {
+            match delivery.await {
+                Ok(Ok(delivery)) => {
+                    connection.up();
+                    Ok(PublishAck::new(event_id, &*topic_name)
+                        .with_partition(delivery.partition)
+                        .with_sequence(u64::try_from(delivery.offset).unwrap_or_default()))
+                }
+                Ok(Err((error, _))) => Err(delivery_error(error, ack_timeout)),
+                Err(_) => Err(Error::ClosedBeforeAck),
+            }
+        };
+        Ok(core.window.submit(slot, &known, event_id, &envelope.aggregate_id, ack).await)
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+        handler: Arc<dyn Handler>,
+    ) -> Result<Subscription> {
+        let inner = &self.inner;
+        validate_topic(topic)?;
+        validate_group(&options.group)?;
+        let live = inner.live()?;
+        let config = &inner.config;
+        let handler_timeout = options.handler_timeout.unwrap_or(config.subscribe.handler_timeout);
+        let settings = WorkerSettings {
+            concurrency: options.concurrency.unwrap_or(config.subscribe.concurrency).max(1),
+            handler_timeout,
+            retry: options.retry.clone().unwrap_or_else(|| config.retry.clone()),
+            dead_letter_topic: config.dead_letter.enabled.then(|| config.dead_letter.topic_for(topic)),
+        };
+        // The topic exists before the member joins: subscribing to a topic nobody published to yet works.
+        let known = live.provisioner.topic(topic).await?;
+        let tracker = Arc::new(Tracker::default());
+        let (joined, mut has_joined) = watch::channel(false);
+        // Running handlers of a revoked partition, and of a closing subscription, get this long to finish.
+        let drain = handler_timeout.min(config.close_timeout);
+        let context = GroupContext {
+            bus: BusContext { connection: inner.connection.clone() },
+            topic: known.to_string(),
+            tracker: tracker.clone(),
+            joined,
+            drain,
+        };
+        let consumer: StreamConsumer<GroupContext> = client::base(config)?
+            .set("group.id", &options.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", millis(config.kafka.session_timeout))
+            .set("enable.partition.eof", "false")
+            .create_with_context(context)
+            .map_err(|e| Error::Config(format!("cannot create the Kafka consumer: {e}")))?;
+        consumer.subscribe(&[&known]).map_err(|e| Error::broker(format!("cannot subscribe to {known}"), e))?;
+        let consumer = Arc::new(consumer);
+
+        let capacity = options.max_in_flight.unwrap_or(config.subscribe.max_in_flight);
+        let dispatcher =
+            Dispatcher::new(topic, capacity, inner.core.counters.clone(), Arc::new(KafkaDeadLetters(live.clone())));
+        let stop = CancellationToken::new();
+        let abandoned = Arc::new(AtomicUsize::new(0));
+        let control = SubscriptionControl::new(
+            topic,
+            options.group.as_str(),
+            config.close_timeout,
+            stop.clone(),
+            abandoned.clone(),
+        );
+        control.with_tasks(|tasks| {
+            dispatcher.spawn_workers(tasks, handler, settings, stop.clone(), abandoned);
+            tasks.spawn(consume::fetch(consumer, dispatcher.clone(), tracker, drain, stop));
+        });
+        let subscription = inner.core.subscriptions.register(control)?;
+        // Live once the member has joined the group and received its partitions.
+        let join_deadline = config.kafka.session_timeout * 3 + config.connect_timeout;
+        if tokio::time::timeout(join_deadline, has_joined.wait_for(|joined| *joined)).await.is_err() {
+            subscription.close().await;
+            return Err(Error::Broker {
+                message: format!(
+                    "group {} did not assign partitions of {topic} within {join_deadline:?}",
+                    options.group
+                ),
+                source: None,
+            });
+        }
+        Ok(subscription)
+    }
+
+    fn publish_results(&self) -> Option<PublishResults> {
+        self.inner.core.publish_results()
+    }
+
+    fn health(&self) -> Health {
+        self.inner.connection.health()
+    }
+
+    fn metrics(&self) -> Metrics {
+        self.inner.core.metrics()
+    }
+
+    async fn close(&self) -> CloseReport {
+        let inner = &self.inner;
+        inner
+            .core
+            .close(|deadline| async move {
+                let live = inner.live.write().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(live) = live {
+                    // Flushing and destroying block on librdkafka; they run on a blocking thread, bounded by
+                    // the deadline (a broker that is gone cannot hold close past it).
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let teardown = tokio::task::spawn_blocking(move || {
+                        let _ = live.producer.flush(left);
+                        drop(live);
+                    });
+                    let _ = tokio::time::timeout_at(deadline, teardown).await;
+                }
+                inner.connection.closed();
+            })
+            .await
+    }
+}
+
+impl Drop for KafkaBus {
+    fn drop(&mut self) {
+        // Dropped without close(): stop every subscription now; the clients go with their last handle.
+        self.inner.core.abort();
+        self.inner.live.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+impl std::fmt::Debug for KafkaBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaBus").field("url", &self.inner.config.url).field("state", &self.health().state).finish()
+    }
+}

@@ -1,0 +1,195 @@
+//! The consuming side: one consumer-group member per subscription, read by one fetch task that feeds the
+//! keyed dispatcher, commits contiguous offsets as records are handled, and follows rebalances.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use eventbus_core::dispatch::{Acker, Delivery, Dispatcher, Message};
+use eventbus_core::wire::{self, WireMessage};
+use eventbus_core::Result;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message as _};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::BusContext;
+use crate::tracker::{Ticket, Tracker};
+
+/// How often handled offsets are committed while consuming.
+const COMMIT_EVERY: Duration = Duration::from_millis(200);
+
+/// The context of a subscription's consumer: follows assignments and, before partitions are revoked, lets
+/// their running handlers finish and commits what was handled, so the next owner starts right after it.
+pub(crate) struct GroupContext {
+    pub(crate) bus: BusContext,
+    pub(crate) topic: String,
+    pub(crate) tracker: Arc<Tracker>,
+    /// Set once the first assignment arrived: the member has joined the group.
+    pub(crate) joined: watch::Sender<bool>,
+    /// Longest wait for running handlers of revoked partitions.
+    pub(crate) drain: Duration,
+}
+
+impl ClientContext for GroupContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.bus.error(error, reason);
+    }
+}
+
+impl GroupContext {
+    fn partitions(&self, list: &TopicPartitionList) -> Vec<i32> {
+        list.elements_for_topic(&self.topic).iter().map(|e| e.partition()).collect()
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(list) = rebalance else {
+            return;
+        };
+        let revoked = self.partitions(list);
+        self.tracker.revoke(&revoked);
+        // The callback runs inside the consumer's poll, on a runtime worker: waiting is only allowed where the
+        // runtime can move its other tasks elsewhere.
+        let can_wait = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if can_wait {
+            tokio::task::block_in_place(|| self.tracker.wait_settled_blocking(Some(&revoked), self.drain));
+        }
+        commit(consumer, &self.topic, &self.tracker, Some(&revoked), CommitMode::Sync);
+        self.tracker.forget(&revoked);
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            let assigned = self.partitions(list);
+            tracing::debug!(topic = %self.topic, ?assigned, "partitions assigned");
+            self.tracker.assign(&assigned);
+            self.joined.send_replace(true);
+        }
+    }
+}
+
+/// Commits the positions that moved (of `only` these partitions, or all).
+fn commit<C: Consumer<GroupContext> + ?Sized>(
+    consumer: &C,
+    topic: &str,
+    tracker: &Tracker,
+    only: Option<&[i32]>,
+    mode: CommitMode,
+) {
+    let moved = tracker.advanced(only);
+    if moved.is_empty() {
+        return;
+    }
+    let mut list = TopicPartitionList::new();
+    for (partition, position) in moved {
+        if list.add_partition_offset(topic, partition, Offset::Offset(position)).is_err() {
+            return;
+        }
+    }
+    if let Err(error) = consumer.commit(&list, mode) {
+        tracing::warn!(%topic, %error, "offset commit failed; records after the last commit may be delivered again");
+    }
+}
+
+/// Moves records to the dispatcher until `stop`, committing as they are handled; then hands back what was
+/// not started, waits for running handlers (at most `drain`), commits, and closes the consumer off the async
+/// runtime.
+pub(crate) async fn fetch(
+    consumer: Arc<StreamConsumer<GroupContext>>,
+    dispatcher: Dispatcher,
+    tracker: Arc<Tracker>,
+    drain: Duration,
+    stop: CancellationToken,
+) {
+    let topic = consumer.context().topic.clone();
+    let mut commits = tokio::time::interval(COMMIT_EVERY);
+    commits.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            _ = commits.tick() => commit(&*consumer, &topic, &tracker, None, CommitMode::Async),
+            received = consumer.recv() => match received {
+                Ok(record) => {
+                    consumer.context().bus.connection.up();
+                    let ticket = tracker.received(record.partition(), record.offset());
+                    let delivery = delivery(&record, KafkaAcker { tracker: tracker.clone(), ticket, settled: false });
+                    tokio::select! {
+                        biased;
+                        // Never dispatched: dropping the delivery hands its offset back.
+                        _ = stop.cancelled() => break,
+                        _ = dispatcher.dispatch(delivery) => {}
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%topic, %error, "consumer error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    // Closing: what was queued is handed back (its offsets stay uncommitted), running handlers finish.
+    drop(dispatcher.take_queued());
+    let settle = tokio::time::Instant::now() + drain;
+    while tracker.in_flight(None) && tokio::time::Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let closing = tokio::task::spawn_blocking(move || {
+        commit(&*consumer, &topic, &tracker, None, CommitMode::Sync);
+        // Leaving the group and destroying the client block on the network.
+        drop(consumer);
+    });
+    let _ = closing.await;
+}
+
+/// Decodes a record into a delivery; what cannot be decoded is kept raw for the dead-letter topic.
+fn delivery<M: rdkafka::Message>(record: &M, acker: KafkaAcker) -> Delivery {
+    let payload = bytes::Bytes::copy_from_slice(record.payload().unwrap_or_default());
+    let headers: Vec<(&str, &[u8])> = record
+        .headers()
+        .map(|headers| headers.iter().map(|h| (h.key, h.value.unwrap_or_default())).collect())
+        .unwrap_or_default();
+    let message = match wire::decode(headers.iter().copied(), payload.clone()) {
+        Ok(envelope) => Message::Event(Arc::new(envelope)),
+        Err(error) => {
+            let headers =
+                headers.iter().map(|(k, v)| ((*k).to_owned(), String::from_utf8_lossy(v).into_owned())).collect();
+            Message::Undecodable { wire: WireMessage { headers, payload }, error }
+        }
+    };
+    Delivery { message, acker: Box::new(acker) }
+}
+
+/// Settles one record in the tracker. Dropped unsettled (not handled: closing, revoked), it hands the
+/// offset back so the commit position stops before it.
+struct KafkaAcker {
+    tracker: Arc<Tracker>,
+    ticket: Ticket,
+    settled: bool,
+}
+
+#[async_trait]
+impl Acker for KafkaAcker {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        self.tracker.handled(&self.ticket);
+        self.settled = true;
+        Ok(())
+    }
+
+    fn is_current(&self) -> bool {
+        self.tracker.is_current(&self.ticket)
+    }
+}
+
+impl Drop for KafkaAcker {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.tracker.returned(&self.ticket);
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Which offsets of each assigned partition are in flight, so offsets are committed only up to the contiguous
+//! prefix of handled records: a crash never skips a record that was not handled.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Offsets in flight per partition of one subscription's consumer.
+#[derive(Default)]
+pub(crate) struct Tracker {
+    state: Mutex<State>,
+    settled: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    partitions: HashMap<i32, Partition>,
+    /// Bumped on every assignment and revocation; deliveries of an older generation are stale.
+    generation: u64,
+}
+
+struct Partition {
+    generation: u64,
+    /// Handed to the dispatcher and neither handled nor handed back.
+    in_flight: BTreeSet<i64>,
+    /// Handed back unhandled (the subscription closed or the partition was revoked): not to be committed past.
+    returned: BTreeSet<i64>,
+    /// One past the highest offset received.
+    next: i64,
+    /// Last position committed (or queued for commit).
+    committed: i64,
+}
+
+impl Partition {
+    /// The next offset a new owner must read: the first one not handled.
+    fn position(&self) -> i64 {
+        let first = |set: &BTreeSet<i64>| set.first().copied();
+        match (first(&self.in_flight), first(&self.returned)) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => self.next,
+        }
+    }
+}
+
+/// A delivery's place in the tracker.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ticket {
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    generation: u64,
+}
+
+impl Tracker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Partitions newly assigned to this consumer.
+    pub(crate) fn assign(&self, partitions: &[i32]) {
+        let mut state = self.lock();
+        state.generation += 1;
+        let generation = state.generation;
+        for &partition in partitions {
+            state.partitions.insert(
+                partition,
+                Partition {
+                    generation,
+                    in_flight: BTreeSet::new(),
+                    returned: BTreeSet::new(),
+                    next: -1,
+                    committed: -1,
+                },
+            );
+        }
+    }
+
+    /// Marks the deliveries of `partitions` stale, so workers skip those not started yet.
+    pub(crate) fn revoke(&self, partitions: &[i32]) {
+        let mut state = self.lock();
+        state.generation += 1;
+        let generation = state.generation;
+        for partition in partitions {
+            if let Some(p) = state.partitions.get_mut(partition) {
+                p.generation = generation;
+            }
+        }
+    }
+
+    /// Forgets `partitions` (after their final commit).
+    pub(crate) fn forget(&self, partitions: &[i32]) {
+        let mut state = self.lock();
+        for partition in partitions {
+            state.partitions.remove(partition);
+        }
+    }
+
+    /// Records that `offset` of `partition` was handed to the dispatcher.
+    pub(crate) fn received(&self, partition: i32, offset: i64) -> Ticket {
+        let mut state = self.lock();
+        let generation = state.generation;
+        let p = state.partitions.entry(partition).or_insert_with(|| Partition {
+            generation,
+            in_flight: BTreeSet::new(),
+            returned: BTreeSet::new(),
+            next: -1,
+            committed: -1,
+        });
+        p.in_flight.insert(offset);
+        p.next = p.next.max(offset + 1);
+        Ticket { partition, offset, generation: p.generation }
+    }
+
+    /// Whether the delivery's partition is still assigned to this consumer, in the same generation.
+    pub(crate) fn is_current(&self, ticket: &Ticket) -> bool {
+        self.lock().partitions.get(&ticket.partition).is_some_and(|p| p.generation == ticket.generation)
+    }
+
+    /// The record was handled (or dead-lettered): the commit position may move past it.
+    pub(crate) fn handled(&self, ticket: &Ticket) {
+        self.settle(ticket, false);
+    }
+
+    /// The record was handed back unhandled: the commit position must stop at it.
+    pub(crate) fn returned(&self, ticket: &Ticket) {
+        self.settle(ticket, true);
+    }
+
+    fn settle(&self, ticket: &Ticket, returned: bool) {
+        let mut state = self.lock();
+        if let Some(p) = state.partitions.get_mut(&ticket.partition) {
+            if p.in_flight.remove(&ticket.offset) && returned {
+                p.returned.insert(ticket.offset);
+            }
+        }
+        drop(state);
+        self.settled.notify_all();
+    }
+
+    /// Positions that moved since the last call, of `only` these partitions or of all; each is then taken as
+    /// committed.
+    pub(crate) fn advanced(&self, only: Option<&[i32]>) -> Vec<(i32, i64)> {
+        let mut state = self.lock();
+        let mut moved = Vec::new();
+        for (&partition, p) in state.partitions.iter_mut() {
+            if only.is_some_and(|only| !only.contains(&partition)) || p.next < 0 {
+                continue;
+            }
+            let position = p.position();
+            if position > p.committed {
+                p.committed = position;
+                moved.push((partition, position));
+            }
+        }
+        moved
+    }
+
+    /// Waits, blocking the thread, until no delivery of `partitions` (or of any) is in flight, at most `limit`.
+    pub(crate) fn wait_settled_blocking(&self, only: Option<&[i32]>, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut state = self.lock();
+        loop {
+            if !Self::busy(&state, only) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = self.settled.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// Whether any delivery of `only` these partitions (or of any) is in flight.
+    pub(crate) fn in_flight(&self, only: Option<&[i32]>) -> bool {
+        Self::busy(&self.lock(), only)
+    }
+
+    fn busy(state: &State, only: Option<&[i32]>) -> bool {
+        state
+            .partitions
+            .iter()
+            .any(|(partition, p)| only.is_none_or(|o| o.contains(partition)) && !p.in_flight.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_stop_at_the_first_unhandled_offset() {
+        let tracker = Tracker::default();
+        tracker.assign(&[0]);
+        let tickets: Vec<Ticket> = (10..15).map(|o| tracker.received(0, o)).collect();
+        // 11 and 13 handled; 10 still running: nothing may be committed yet.
+        tracker.handled(&tickets[1]);
+        tracker.handled(&tickets[3]);
+        assert_eq!(tracker.advanced(None), [(0, 10)]);
+        tracker.handled(&tickets[0]);
+        assert_eq!(tracker.advanced(None), [(0, 12)]);
+        // 12 handed back unhandled: the position stays at 12 for whoever reads next.
+        tracker.returned(&tickets[2]);
+        tracker.handled(&tickets[4]);
+        assert_eq!(tracker.advanced(None), []);
+        assert!(!tracker.in_flight(None));
+    }
+
+    #[test]
+    fn revoked_deliveries_are_stale() {
+        let tracker = Tracker::default();
+        tracker.assign(&[0, 1]);
+        let (a, b) = (tracker.received(0, 0), tracker.received(1, 0));
+        tracker.revoke(&[0]);
+        assert!(!tracker.is_current(&a));
+        assert!(tracker.is_current(&b));
+    }
+}
