@@ -109,13 +109,72 @@ else
     log "built $NATS_IMAGE"
 fi
 
+# --- Kafka protocol (tansu) -------------------------------------------------------------------------------
+# tansu is a Kafka-protocol broker published on crates.io; `dynostore` gives it in-memory storage. Building it
+# takes about 13 minutes on two cores, once: the binary stays in cargo's bin directory.
+
+TANSU_VERSION=0.6.0
+TANSU_IMAGE=eventbus-local/tansu:${TANSU_VERSION}
+CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
+
+ensure_tansu_binary() {
+    if [ -x "$CARGO_BIN/tansu" ] && "$CARGO_BIN/tansu" --version 2>/dev/null | grep -q " $TANSU_VERSION\$"; then
+        log "tansu $TANSU_VERSION already installed"
+        return
+    fi
+    command -v cargo >/dev/null 2>&1 || die "cargo is needed to build tansu"
+    log "building tansu $TANSU_VERSION from crates.io (about 13 minutes on two cores)"
+    cargo install tansu --version "$TANSU_VERSION" --features dynostore --locked
+}
+
+build_tansu_image() {
+    local ctx lib
+    ctx=$(mktemp -d)
+    # shellcheck disable=SC2064  # expand $ctx now
+    trap "rm -rf '$ctx'" EXIT
+    mkdir -p "$ctx/rootfs/tmp"
+    chmod 1777 "$ctx/rootfs/tmp"
+    cp -L "$CARGO_BIN/tansu" "$ctx/rootfs/tansu"
+    while read -r lib; do
+        [ -n "$lib" ] || continue
+        mkdir -p "$ctx/rootfs$(dirname "$lib")"
+        cp -L "$lib" "$ctx/rootfs$lib"
+    done < <(ldd "$CARGO_BIN/tansu" | awk '$2 == "=>" && $3 ~ /^\// { print $3; next } $1 ~ /^\// { print $1 }')
+    cat >"$ctx/Dockerfile" <<'EOF2'
+FROM scratch
+COPY rootfs/ /
+EXPOSE 9092
+ENTRYPOINT ["/tansu"]
+CMD ["broker", "--storage-engine", "memory://tansu/"]
+EOF2
+    log "building $TANSU_IMAGE from $CARGO_BIN/tansu"
+    docker build -q \
+        --label "org.opencontainers.image.title=tansu" \
+        --label "org.opencontainers.image.version=$TANSU_VERSION" \
+        --label "org.opencontainers.image.source=crates.io tansu $TANSU_VERSION (features dynostore)" \
+        -t "$TANSU_IMAGE" "$ctx" >/dev/null
+    rm -rf "$ctx"
+    trap - EXIT
+}
+
+if docker image inspect "$TANSU_IMAGE" >/dev/null 2>&1; then
+    log "$TANSU_IMAGE already present"
+else
+    ensure_tansu_binary
+    build_tansu_image
+    log "built $TANSU_IMAGE"
+fi
+
 # --- Output -----------------------------------------------------------------------------------------------
 
 if [ "$print_env" = 1 ]; then
     echo "export EVENTBUS_NATS_IMAGE=$NATS_IMAGE" >&3
+    echo "export EVENTBUS_KAFKA_IMAGE=$TANSU_IMAGE" >&3
 else
     echo "Broker images ready:"
     echo "  NATS JetStream  $NATS_IMAGE"
+    echo "  Kafka protocol  $TANSU_IMAGE"
     echo "Use them with:  eval \"\$(scripts/test-images.sh --print-env)\""
     echo "export EVENTBUS_NATS_IMAGE=$NATS_IMAGE"
+    echo "export EVENTBUS_KAFKA_IMAGE=$TANSU_IMAGE"
 fi

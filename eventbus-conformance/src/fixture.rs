@@ -27,10 +27,21 @@ pub struct BrokerSpec {
     pub image: String,
     /// The port the broker listens on inside the container.
     pub port: u16,
-    /// Arguments after the image's entrypoint.
+    /// Arguments after the image's entrypoint; `{host_port}` stands for the host port mapped to `port`.
     pub args: Vec<String>,
-    /// A line the broker prints on stderr once it accepts clients.
-    pub ready_line: String,
+    /// Environment variables; `{host_port}` in a value stands for the mapped host port.
+    pub env: Vec<(String, String)>,
+    /// A line the broker prints once it accepts clients.
+    pub ready: Ready,
+}
+
+/// Where a broker announces that it is ready.
+#[derive(Clone, Debug)]
+pub enum Ready {
+    /// A line on standard output containing this text.
+    Stdout(String),
+    /// A line on standard error containing this text.
+    Stderr(String),
 }
 
 /// A running broker container.
@@ -49,17 +60,23 @@ impl Broker {
     pub async fn start(spec: &BrokerSpec) -> anyhow::Result<Self> {
         let host_port = free_port()?;
         let (name, tag) = split_image(&spec.image);
-        let container = GenericImage::new(name, tag)
+        let fill = |text: &str| text.replace("{host_port}", &host_port.to_string());
+        let wait = match &spec.ready {
+            Ready::Stdout(line) => WaitFor::message_on_stdout(line.clone()),
+            Ready::Stderr(line) => WaitFor::message_on_stderr(line.clone()),
+        };
+        let mut request = GenericImage::new(name, tag)
             .with_exposed_port(spec.port.tcp())
-            .with_wait_for(WaitFor::message_on_stderr(spec.ready_line.clone()))
+            .with_wait_for(wait)
             .with_mapped_port(host_port, spec.port.tcp())
-            .with_cmd(spec.args.clone())
-            .with_startup_timeout(Duration::from_secs(60))
-            .start()
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!("cannot start {} (is Docker running, is the image present?): {e}", spec.image)
-            })?;
+            .with_cmd(spec.args.iter().map(|a| fill(a)).collect::<Vec<_>>())
+            .with_startup_timeout(Duration::from_secs(90));
+        for (key, value) in &spec.env {
+            request = request.with_env_var(key.clone(), fill(value));
+        }
+        let container = request.start().await.map_err(|e| {
+            anyhow::anyhow!("cannot start {} (is Docker running, is the image present?): {e}", spec.image)
+        })?;
         let id = container.id().to_owned();
         Ok(Self { container: Some(container), id, pauses: Default::default(), image: spec.image.clone(), host_port })
     }

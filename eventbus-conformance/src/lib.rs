@@ -26,6 +26,7 @@
 pub mod backend;
 pub mod fixture;
 pub mod harness;
+pub mod kafka;
 pub mod memory;
 pub mod nats;
 pub mod probe;

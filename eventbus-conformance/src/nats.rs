@@ -14,7 +14,7 @@ use eventbus::{BusConfig, Envelope, Error, EventBus, EventBusExt, SubscribeOptio
 use tokio::sync::{mpsc, OnceCell};
 
 use crate::backend::{Backend, Capabilities, Connection, Faults, Partitioning, RawAccess};
-use crate::fixture::{Broker, BrokerSpec};
+use crate::fixture::{Broker, BrokerSpec, Ready};
 use crate::harness::{figures, print_figures};
 use crate::suites::DELIVERY_DEADLINE;
 use crate::workload::{forward_into, unique};
@@ -39,7 +39,13 @@ impl Nats {
     pub fn spec(extra: &[&str]) -> BrokerSpec {
         let mut args: Vec<String> = ["-js", "-sd", "/data"].map(String::from).to_vec();
         args.extend(extra.iter().map(|a| (*a).to_owned()));
-        BrokerSpec { image: Self::image(), port: 4222, args, ready_line: "Server is ready".to_owned() }
+        BrokerSpec {
+            image: Self::image(),
+            port: 4222,
+            args,
+            env: Vec::new(),
+            ready: Ready::Stderr("Server is ready".to_owned()),
+        }
     }
 
     /// Starts the broker.

@@ -96,6 +96,13 @@ impl KafkaBus {
     }
 }
 
+/// The Kafka consumer group of bus group `group` on `topic`. A bus subscription is per topic, so each
+/// (group, topic) is a Kafka group of its own: a member joining one topic never makes the members of another
+/// topic rebalance. `@` cannot appear in bus names, so the mapping is one-to-one.
+pub fn group_id(group: &str, topic: &str) -> String {
+    format!("{group}@{topic}")
+}
+
 /// Destroys librdkafka clients on a blocking thread: destruction waits on their threads and the network.
 async fn drop_off_runtime<T: Send + 'static, U: Send + 'static>(a: T, b: U) {
     let _ = tokio::task::spawn_blocking(move || drop((a, b))).await;
@@ -238,7 +245,7 @@ impl EventBus for KafkaBus {
             drain,
         };
         let consumer: StreamConsumer<GroupContext> = client::base(config)?
-            .set("group.id", &options.group)
+            .set("group.id", group_id(&options.group, &known))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")

@@ -59,7 +59,8 @@ impl ConsumerContext for GroupContext {
         if can_wait {
             tokio::task::block_in_place(|| self.tracker.wait_settled_blocking(Some(&revoked), self.drain));
         }
-        commit(consumer, &self.topic, &self.tracker, Some(&revoked), CommitMode::Sync);
+        let committed = commit(consumer, &self.topic, &self.tracker, Some(&revoked), CommitMode::Sync);
+        tracing::debug!(topic = %self.topic, ?revoked, ?committed, "partitions revoked");
         self.tracker.forget(&revoked);
     }
 
@@ -74,26 +75,28 @@ impl ConsumerContext for GroupContext {
 }
 
 /// Commits the positions that moved (of `only` these partitions, or all).
+/// Returns the positions committed.
 fn commit<C: Consumer<GroupContext> + ?Sized>(
     consumer: &C,
     topic: &str,
     tracker: &Tracker,
     only: Option<&[i32]>,
     mode: CommitMode,
-) {
+) -> Vec<(i32, i64)> {
     let moved = tracker.advanced(only);
     if moved.is_empty() {
-        return;
+        return moved;
     }
     let mut list = TopicPartitionList::new();
-    for (partition, position) in moved {
+    for &(partition, position) in &moved {
         if list.add_partition_offset(topic, partition, Offset::Offset(position)).is_err() {
-            return;
+            return Vec::new();
         }
     }
     if let Err(error) = consumer.commit(&list, mode) {
         tracing::warn!(%topic, %error, "offset commit failed; records after the last commit may be delivered again");
     }
+    moved
 }
 
 /// Moves records to the dispatcher until `stop`, committing as they are handled; then hands back what was
@@ -113,10 +116,16 @@ pub(crate) async fn fetch(
         tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            _ = commits.tick() => commit(&*consumer, &topic, &tracker, None, CommitMode::Async),
+            _ = commits.tick() => {
+                let committed = commit(&*consumer, &topic, &tracker, None, CommitMode::Async);
+                if !committed.is_empty() {
+                    tracing::trace!(%topic, ?committed, "committing");
+                }
+            }
             received = consumer.recv() => match received {
                 Ok(record) => {
                     consumer.context().bus.connection.up();
+                    tracing::trace!(%topic, partition = record.partition(), offset = record.offset(), "received");
                     let ticket = tracker.received(record.partition(), record.offset());
                     let delivery = delivery(&record, KafkaAcker { tracker: tracker.clone(), ticket, settled: false });
                     tokio::select! {
@@ -140,7 +149,8 @@ pub(crate) async fn fetch(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let closing = tokio::task::spawn_blocking(move || {
-        commit(&*consumer, &topic, &tracker, None, CommitMode::Sync);
+        let committed = commit(&*consumer, &topic, &tracker, None, CommitMode::Sync);
+        tracing::debug!(%topic, ?committed, "final commit");
         // Leaving the group and destroying the client block on the network.
         drop(consumer);
     });

@@ -6,7 +6,8 @@
 //! the bus's in-flight window holds publishers back before librdkafka's own queue fills, and one collector task
 //! settles the delivery reports.
 //!
-//! A consumer group is a Kafka consumer group: members share the partitions. Within a member, the keyed
+//! A consumer group on a topic is the Kafka consumer group `<group>@<topic>` ([`group_id`]): its members share
+//! the topic's partitions, and subscriptions to other topics never make it rebalance. Within a member, the keyed
 //! dispatcher handles the aggregates of a partition in parallel, each in order. Offsets are committed only up to
 //! the contiguous prefix of handled records of each partition, so a crash never skips an unhandled record.
 //! Before partitions are revoked, their running handlers get to finish and what was handled is committed; records
@@ -40,4 +41,4 @@ mod consume;
 mod provision;
 mod tracker;
 
-pub use bus::KafkaBus;
+pub use bus::{group_id, KafkaBus};

@@ -40,8 +40,12 @@ pub type Bus = Arc<dyn EventBus>;
 #[cfg(feature = "nats")]
 pub use eventbus_nats as nats;
 
+/// The Kafka backend (feature `kafka`).
+#[cfg(feature = "kafka")]
+pub use eventbus_kafka as kafka;
+
 /// Connects to the backend named by `config.url`: `memory://` runs in process; `nats://host:port` connects to
-/// NATS JetStream (feature `nats`).
+/// NATS JetStream (feature `nats`); `kafka://host:port[,host:port]` connects to Kafka (feature `kafka`).
 ///
 /// Fails with [`Error::UnsupportedBackend`] for a scheme this build does not include, and with
 /// [`Error::Config`] for an invalid configuration.
@@ -51,6 +55,8 @@ pub async fn connect(config: &BusConfig) -> Result<Bus> {
         "memory" => Ok(Arc::new(MemoryBus::new(config.clone())?)),
         #[cfg(feature = "nats")]
         "nats" => Ok(Arc::new(eventbus_nats::NatsBus::connect(config.clone()).await?)),
+        #[cfg(feature = "kafka")]
+        "kafka" => Ok(Arc::new(eventbus_kafka::KafkaBus::connect(config.clone()).await?)),
         scheme => Err(Error::UnsupportedBackend { scheme: scheme.to_owned(), reason: missing_feature(scheme) }),
     }
 }
