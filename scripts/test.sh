@@ -16,10 +16,15 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 
-if [ -z "${EVENTBUS_NATS_IMAGE:-}" ]; then
+if [ -z "${EVENTBUS_NATS_IMAGE:-}" ] || [ -z "${EVENTBUS_KAFKA_IMAGE:-}" ]; then
+    # Variables already set win over the local images.
+    nats_image=${EVENTBUS_NATS_IMAGE:-} kafka_image=${EVENTBUS_KAFKA_IMAGE:-}
     if images=$(scripts/test-images.sh --print-env); then
         eval "$images"
-        echo "scripts/test.sh: broker images: EVENTBUS_NATS_IMAGE=$EVENTBUS_NATS_IMAGE" >&2
+        EVENTBUS_NATS_IMAGE=${nats_image:-$EVENTBUS_NATS_IMAGE}
+        EVENTBUS_KAFKA_IMAGE=${kafka_image:-$EVENTBUS_KAFKA_IMAGE}
+        export EVENTBUS_NATS_IMAGE EVENTBUS_KAFKA_IMAGE
+        echo "scripts/test.sh: broker images: NATS $EVENTBUS_NATS_IMAGE, Kafka $EVENTBUS_KAFKA_IMAGE" >&2
     else
         echo "scripts/test.sh: local broker images could not be prepared (exit $?); the broker suites use the" \
             "official images, or report themselves as not run without Docker" >&2
