@@ -105,30 +105,45 @@ impl Broker {
     /// Stops the broker (it shuts down cleanly) and starts it again on the same port with the same stored
     /// data; returns once it accepts connections again.
     pub async fn restart(&self, down_for: Duration) -> anyhow::Result<()> {
-        docker(&["stop", "--time", "5", &self.id]).await?;
+        self.stop_container().await?;
         tokio::time::sleep(down_for).await;
+        self.start_container().await
+    }
+
+    /// Stops the broker (it shuts down cleanly); the container stays, with its port.
+    pub async fn stop_container(&self) -> anyhow::Result<()> {
+        docker(&["stop", "--time", "5", &self.id]).await
+    }
+
+    /// Starts a stopped broker again; returns once it accepts connections.
+    pub async fn start_container(&self) -> anyhow::Result<()> {
         docker(&["start", &self.id]).await?;
         self.wait_accepting(Duration::from_secs(30)).await
     }
 
-    /// Waits until the host port accepts a connection and the broker sends its first bytes.
+    /// Waits until the broker behind the host port accepts a connection. Docker's port proxy accepts and at
+    /// once closes connections while the broker is down, so a connection counts only if it either brings the
+    /// broker's greeting (NATS) or stays open (Kafka, whose clients speak first).
     pub async fn wait_accepting(&self, within: Duration) -> anyhow::Result<()> {
         use tokio::io::AsyncReadExt;
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let attempt = async {
-                let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.host_port)).await?;
+                let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.host_port)).await.ok()?;
                 let mut first = [0u8; 1];
-                stream.read_exact(&mut first).await?;
-                Ok::<_, std::io::Error>(())
-            };
-            match tokio::time::timeout(Duration::from_secs(1), attempt).await {
-                Ok(Ok(())) => return Ok(()),
-                _ if tokio::time::Instant::now() >= deadline => {
-                    anyhow::bail!("broker on port {} not accepting after {within:?}", self.host_port)
+                match tokio::time::timeout(Duration::from_millis(300), stream.read(&mut first)).await {
+                    Ok(Ok(read)) => (read > 0).then_some(()),
+                    Ok(Err(_)) => None,
+                    Err(_) => Some(()),
                 }
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            };
+            if attempt.await.is_some() {
+                return Ok(());
             }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!("broker on port {} not accepting after {within:?}", self.host_port)
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

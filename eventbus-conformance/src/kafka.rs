@@ -395,3 +395,70 @@ pub async fn interop(kafka: &Kafka) -> anyhow::Result<()> {
     ensure!(headers_only.decode()? == sent, "the record headers do not decode to the sent envelope");
     Ok(())
 }
+
+/// outage: the broker stops; `health()` reports reconnecting, with the error; the broker starts again and a bus
+/// works. Where the broker keeps its state across the restart, the same bus works again and reports connected.
+/// tansu's in-memory storage forgets everything, the idempotent producer's state included, and the bus's
+/// producer does not come back from that: there, that part is printed as not run, and only a new bus is
+/// checked. (On tansu the restart also loses every topic, so this scenario runs last.)
+pub async fn outage(kafka: &Kafka) -> anyhow::Result<()> {
+    let connection = kafka.connect(kafka.config()).await?;
+    let bus = connection.bus.clone();
+    let before = Workload::new("kafka-outage-before", 1, 1, 1);
+    bus.publish(&before.topics[0], before.event(0, 1)).await?.await?;
+    let stopped = tokio::time::Instant::now();
+    kafka.broker.stop_container().await?;
+    let mut detected = None;
+    while stopped.elapsed() < Duration::from_secs(30) {
+        if bus.health().state == eventbus::ConnectionState::Reconnecting {
+            detected = Some(stopped.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let while_down = bus.health();
+    kafka.broker.start_container().await?;
+
+    let same_bus = if kafka.tansu {
+        None
+    } else {
+        let after = Workload::new("kafka-outage-after", 1, 1, 1);
+        let mut recovered = None;
+        while recovered.is_none() && stopped.elapsed() < Duration::from_secs(60) {
+            let attempt = async { bus.publish(&after.topics[0], after.event(0, 1)).await?.await };
+            if attempt.await.is_ok() {
+                recovered = Some(stopped.elapsed());
+            } else {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+        Some((recovered, bus.health().state))
+    };
+    bus.close().await;
+    let fresh = kafka.connect(kafka.config()).await?;
+    let after_fresh = Workload::new("kafka-outage-fresh", 1, 1, 1);
+    let fresh_works = async { fresh.bus.publish(&after_fresh.topics[0], after_fresh.event(0, 1)).await?.await }.await;
+    fresh.bus.close().await;
+    figures(
+        kafka,
+        "outage",
+        "broker-stopped-and-started",
+        format_args!(
+            "outage_detected_after={detected:?} last_error_while_down={:?} same_bus_after_restart={} \
+             new_bus_after_restart={}",
+            while_down.last_error,
+            match &same_bus {
+                Some((recovered, state)) => format!("works_again_after={recovered:?} state={state:?}"),
+                None => "NOT RUN: tansu's restart loses the idempotent producer's state".to_owned(),
+            },
+            if fresh_works.is_ok() { "works" } else { "fails" }
+        ),
+    );
+    ensure!(detected.is_some(), "health() never reported the outage");
+    ensure!(fresh_works.is_ok(), "a new bus did not work after the restart: {fresh_works:?}");
+    if let Some((recovered, state)) = same_bus {
+        ensure!(recovered.is_some(), "the bus did not work again after the broker came back");
+        ensure!(state == eventbus::ConnectionState::Connected, "health() did not report connected again");
+    }
+    Ok(())
+}

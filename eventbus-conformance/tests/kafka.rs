@@ -14,10 +14,14 @@ fn main() -> ExitCode {
     let broker = match fixture.block_on(Kafka::start()) {
         Ok(broker) => Arc::new(broker),
         Err(error) => {
-            return harness::broker_unavailable("kafka", &format!("{error:#}"), &["consumer_crash", "interop"])
+            return harness::broker_unavailable(
+                "kafka",
+                &format!("{error:#}"),
+                &["consumer_crash", "interop", "outage"],
+            )
         }
     };
-    let (crash_broker, interop_broker) = (broker.clone(), broker.clone());
+    let (crash_broker, interop_broker, outage_broker) = (broker.clone(), broker.clone(), broker.clone());
     let extras: Vec<(&'static str, Extra)> = vec![
         (
             "consumer_crash",
@@ -31,6 +35,14 @@ fn main() -> ExitCode {
             Box::new(move || {
                 let broker = interop_broker.clone();
                 Box::pin(async move { kafka::interop(&broker).await })
+            }),
+        ),
+        // Last: on tansu the restart loses every topic.
+        (
+            "outage",
+            Box::new(move || {
+                let broker = outage_broker.clone();
+                Box::pin(async move { kafka::outage(&broker).await })
             }),
         ),
     ];
