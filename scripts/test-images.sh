@@ -40,6 +40,18 @@ fi
 # The daemon may have no BuildKit/buildx; the classic builder handles FROM scratch without any registry.
 export DOCKER_BUILDKIT=0
 
+# Copies exactly the shared libraries `ldd` lists for binary $1 into root filesystem $2, at the same absolute
+# paths (symlinks resolved to files), loader included. ldd lines are "name => /path (addr)", "/path (addr)"
+# (the loader) or "linux-vdso.so.1 (addr)" (no file).
+copy_libraries() {
+    local lib
+    while read -r lib; do
+        [ -n "$lib" ] || continue
+        mkdir -p "$2$(dirname "$lib")"
+        cp -L "$lib" "$2$lib"
+    done < <(ldd "$1" | awk '$2 == "=>" && $3 ~ /^\// { print $3; next } $1 ~ /^\// { print $1 }')
+}
+
 # --- NATS JetStream ---------------------------------------------------------------------------------------
 
 ensure_nats_package() {
@@ -70,13 +82,7 @@ build_nats_image() {
     chmod 1777 "$ctx/rootfs/tmp"
     cp -L "$NATS_BIN" "$ctx/rootfs/nats-server"
 
-    # Exactly what ldd lists, at the same absolute paths (symlinks resolved to files), loader included.
-    # Lines are "name => /path (addr)", "/path (addr)" (the loader) or "linux-vdso.so.1 (addr)" (no file).
-    while read -r lib; do
-        [ -n "$lib" ] || continue
-        mkdir -p "$ctx/rootfs$(dirname "$lib")"
-        cp -L "$lib" "$ctx/rootfs$lib"
-    done < <(ldd "$NATS_BIN" | awk '$2 == "=>" && $3 ~ /^\// { print $3; next } $1 ~ /^\// { print $1 }')
+    copy_libraries "$NATS_BIN" "$ctx/rootfs"
 
     cat >"$ctx/Dockerfile" <<'EOF'
 FROM scratch
@@ -135,11 +141,7 @@ build_tansu_image() {
     mkdir -p "$ctx/rootfs/tmp"
     chmod 1777 "$ctx/rootfs/tmp"
     cp -L "$CARGO_BIN/tansu" "$ctx/rootfs/tansu"
-    while read -r lib; do
-        [ -n "$lib" ] || continue
-        mkdir -p "$ctx/rootfs$(dirname "$lib")"
-        cp -L "$lib" "$ctx/rootfs$lib"
-    done < <(ldd "$CARGO_BIN/tansu" | awk '$2 == "=>" && $3 ~ /^\// { print $3; next } $1 ~ /^\// { print $1 }')
+    copy_libraries "$CARGO_BIN/tansu" "$ctx/rootfs"
     cat >"$ctx/Dockerfile" <<'EOF2'
 FROM scratch
 COPY rootfs/ /

@@ -130,6 +130,18 @@ pub struct WorkerSettings {
 #[derive(Debug)]
 pub struct DispatchSlot(OwnedSemaphorePermit);
 
+impl WorkerSettings {
+    /// The settings of a subscription to `topic`: `options` where set, the bus's `config` otherwise.
+    pub fn resolve(config: &crate::BusConfig, options: &crate::SubscribeOptions, topic: &str) -> Self {
+        Self {
+            concurrency: options.concurrency.unwrap_or(config.subscribe.concurrency).max(1),
+            handler_timeout: options.handler_timeout.unwrap_or(config.subscribe.handler_timeout),
+            retry: options.retry.clone().unwrap_or_else(|| config.retry.clone()),
+            dead_letter_topic: config.dead_letter.enabled.then(|| config.dead_letter.topic_for(topic)),
+        }
+    }
+}
+
 /// A keyed dispatcher for one topic and consumer group.
 #[derive(Clone)]
 pub struct Dispatcher {

@@ -472,12 +472,7 @@ impl EventBus for MemoryBus {
         validate_group(&options.group)?;
         inner.core.ensure_open()?;
         let config = &inner.config;
-        let settings = WorkerSettings {
-            concurrency: options.concurrency.unwrap_or(config.subscribe.concurrency).max(1),
-            handler_timeout: options.handler_timeout.unwrap_or(config.subscribe.handler_timeout),
-            retry: options.retry.clone().unwrap_or_else(|| config.retry.clone()),
-            dead_letter_topic: config.dead_letter.enabled.then(|| config.dead_letter.topic_for(topic)),
-        };
+        let settings = WorkerSettings::resolve(config, &options, topic);
         let capacity = options.max_in_flight.unwrap_or(config.subscribe.max_in_flight);
         let topic = inner.topic(topic);
         let group = topic.group(&options.group, || {

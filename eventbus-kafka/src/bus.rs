@@ -224,13 +224,8 @@ impl EventBus for KafkaBus {
         validate_group(&options.group)?;
         let live = inner.live()?;
         let config = &inner.config;
-        let handler_timeout = options.handler_timeout.unwrap_or(config.subscribe.handler_timeout);
-        let settings = WorkerSettings {
-            concurrency: options.concurrency.unwrap_or(config.subscribe.concurrency).max(1),
-            handler_timeout,
-            retry: options.retry.clone().unwrap_or_else(|| config.retry.clone()),
-            dead_letter_topic: config.dead_letter.enabled.then(|| config.dead_letter.topic_for(topic)),
-        };
+        let settings = WorkerSettings::resolve(config, &options, topic);
+        let handler_timeout = settings.handler_timeout;
         // The topic exists before the member joins: subscribing to a topic nobody published to yet works.
         let known = live.provisioner.topic(topic).await?;
         let tracker = Arc::new(Tracker::default());

@@ -198,15 +198,8 @@ impl EventBus for NatsBus {
         validate_group(&options.group)?;
         let live = inner.live()?;
         let config = &inner.config;
-        let retry = options.retry.clone().unwrap_or_else(|| config.retry.clone());
-        let handler_timeout = options.handler_timeout.unwrap_or(config.subscribe.handler_timeout);
         let ack_wait = config.nats.ack_wait;
-        let settings = WorkerSettings {
-            concurrency: options.concurrency.unwrap_or(config.subscribe.concurrency).max(1),
-            handler_timeout,
-            retry,
-            dead_letter_topic: config.dead_letter.enabled.then(|| config.dead_letter.topic_for(topic)),
-        };
+        let settings = WorkerSettings::resolve(config, &options, topic);
         if let Some(dead_letter_topic) = &settings.dead_letter_topic {
             // Provisioned now, so a dead-letter stream that cannot exist fails the subscribe, not a message later.
             live.provisioner.topic(dead_letter_topic).await?;
