@@ -249,7 +249,7 @@ impl EventBus for KafkaBus {
             .create_with_context(context)
             .map_err(|e| Error::Config(format!("cannot create the Kafka consumer: {e}")))?;
         consumer.subscribe(&[&known]).map_err(|e| Error::broker(format!("cannot subscribe to {known}"), e))?;
-        let consumer = Arc::new(consumer);
+        let consumer = consume::OffRuntime::new(Arc::new(consumer));
 
         let capacity = options.max_in_flight.unwrap_or(config.subscribe.max_in_flight);
         let dispatcher =
@@ -270,7 +270,7 @@ impl EventBus for KafkaBus {
         let subscription = inner.core.subscriptions.register(control)?;
         // Live once the member has joined the group and received its partitions.
         let join_deadline = config.kafka.session_timeout * 3 + config.connect_timeout;
-        if tokio::time::timeout(join_deadline, has_joined.wait_for(|joined| *joined)).await.is_err() {
+        if !matches!(tokio::time::timeout(join_deadline, has_joined.wait_for(|joined| *joined)).await, Ok(Ok(_))) {
             subscription.close().await;
             return Err(Error::Broker {
                 message: format!(
@@ -304,7 +304,10 @@ impl EventBus for KafkaBus {
                 if let Some(live) = live {
                     // Flushing and destroying block on librdkafka; they run on a blocking thread, bounded by
                     // the deadline (a broker that is gone cannot hold close past it).
-                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    // Destroying the producer after the flush takes a moment too.
+                    let left = deadline
+                        .saturating_duration_since(tokio::time::Instant::now())
+                        .saturating_sub(Duration::from_millis(200));
                     let teardown = tokio::task::spawn_blocking(move || {
                         let _ = live.producer.flush(left);
                         drop(live);
@@ -321,7 +324,8 @@ impl Drop for KafkaBus {
     fn drop(&mut self) {
         // Dropped without close(): stop every subscription now; the clients go with their last handle.
         self.inner.core.abort();
-        self.inner.live.write().unwrap_or_else(|p| p.into_inner()).take();
+        let live = self.inner.live.write().unwrap_or_else(|p| p.into_inner()).take();
+        drop(consume::OffRuntime::new(live));
     }
 }
 

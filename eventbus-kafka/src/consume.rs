@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eventbus_core::dispatch::{Acker, Delivery, Dispatcher, Message};
-use eventbus_core::wire::{self, WireMessage};
+use eventbus_core::wire::{self, DecodeError, WireMessage};
 use eventbus_core::Result;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -56,10 +56,13 @@ impl ConsumerContext for GroupContext {
         // runtime can move its other tasks elsewhere.
         let can_wait = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if can_wait {
-            tokio::task::block_in_place(|| self.tracker.wait_settled_blocking(Some(&revoked), self.drain));
-        }
-        let committed = commit(consumer, &self.topic, &self.tracker, Some(&revoked), CommitMode::Sync);
+        let settle_and_commit = || {
+            if can_wait {
+                self.tracker.wait_settled_blocking(Some(&revoked), self.drain);
+            }
+            commit(consumer, &self.topic, &self.tracker, Some(&revoked), CommitMode::Sync)
+        };
+        let committed = if can_wait { tokio::task::block_in_place(settle_and_commit) } else { settle_and_commit() };
         tracing::debug!(topic = %self.topic, ?revoked, ?committed, "partitions revoked");
         self.tracker.forget(&revoked);
     }
@@ -103,13 +106,13 @@ fn commit<C: Consumer<GroupContext> + ?Sized>(
 /// not started, waits for running handlers (at most `drain`), commits, and closes the consumer off the async
 /// runtime.
 pub(crate) async fn fetch(
-    consumer: Arc<StreamConsumer<GroupContext>>,
+    consumer: OffRuntime<Arc<StreamConsumer<GroupContext>>>,
     dispatcher: Dispatcher,
     tracker: Arc<Tracker>,
     drain: Duration,
     stop: CancellationToken,
 ) {
-    let topic = consumer.context().topic.clone();
+    let topic = consumer.get().context().topic.clone();
     let mut commits = tokio::time::interval(COMMIT_EVERY);
     commits.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -117,14 +120,14 @@ pub(crate) async fn fetch(
             biased;
             _ = stop.cancelled() => break,
             _ = commits.tick() => {
-                let committed = commit(&*consumer, &topic, &tracker, None, CommitMode::Async);
+                let committed = commit(&**consumer.get(), &topic, &tracker, None, CommitMode::Async);
                 if !committed.is_empty() {
                     tracing::trace!(%topic, ?committed, "committing");
                 }
             }
-            received = consumer.recv() => match received {
+            received = consumer.get().recv() => match received {
                 Ok(record) => {
-                    consumer.context().bus.connection.up();
+                    consumer.get().context().bus.connection.up();
                     tracing::trace!(%topic, partition = record.partition(), offset = record.offset(), "received");
                     let ticket = tracker.received(record.partition(), record.offset());
                     let delivery = delivery(&record, KafkaAcker { tracker: tracker.clone(), ticket, settled: false });
@@ -142,12 +145,17 @@ pub(crate) async fn fetch(
             },
         }
     }
-    // Closing: what was queued is handed back (its offsets stay uncommitted), running handlers finish.
-    drop(dispatcher.take_queued());
+    // Closing: what was queued is handed back (its offsets stay uncommitted), running handlers finish. A worker
+    // stopped in a retry's backoff puts its delivery back in the queue, so the queue is emptied on every turn.
     let settle = tokio::time::Instant::now() + drain;
-    while tracker.in_flight(None) && tokio::time::Instant::now() < settle {
+    loop {
+        drop(dispatcher.take_queued());
+        if !tracker.in_flight(None) || tokio::time::Instant::now() >= settle {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let consumer = consumer.take();
     let closing = tokio::task::spawn_blocking(move || {
         let committed = commit(&*consumer, &topic, &tracker, None, CommitMode::Sync);
         tracing::debug!(%topic, ?committed, "final commit");
@@ -160,10 +168,21 @@ pub(crate) async fn fetch(
 /// Decodes a record into a delivery; what cannot be decoded is kept raw for the dead-letter topic.
 fn delivery<M: rdkafka::Message>(record: &M, acker: KafkaAcker) -> Delivery {
     let payload = bytes::Bytes::copy_from_slice(record.payload().unwrap_or_default());
-    let headers: Vec<(&str, &[u8])> = record
-        .headers()
-        .map(|headers| headers.iter().map(|h| (h.key, h.value.unwrap_or_default())).collect())
-        .unwrap_or_default();
+    // rdkafka panics on a header name that is not UTF-8, which any producer can write: such a record is
+    // undecodable, not a reason to stop consuming.
+    let headers = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        record
+            .headers()
+            .map(|headers| headers.iter().map(|h| (h.key, h.value.unwrap_or_default())).collect::<Vec<(&str, &[u8])>>())
+            .unwrap_or_default()
+    }));
+    let Ok(headers) = headers else {
+        let error = DecodeError::MalformedHeader { name: "header name", reason: "not valid UTF-8".into() };
+        return Delivery {
+            message: Message::Undecodable { wire: WireMessage { headers: Vec::new(), payload }, error },
+            acker: Box::new(acker),
+        };
+    };
     let message = match wire::decode(headers.iter().copied(), payload.clone()) {
         Ok(envelope) => Message::Event(Arc::new(envelope)),
         Err(error) => {
@@ -200,6 +219,36 @@ impl Drop for KafkaAcker {
     fn drop(&mut self) {
         if !self.settled {
             self.tracker.returned(&self.ticket);
+        }
+    }
+}
+
+/// Owns a librdkafka client and destroys it on a blocking thread when dropped, even when the owner is an
+/// aborted task: destroying a client joins its threads and talks to the brokers.
+pub(crate) struct OffRuntime<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> OffRuntime<T> {
+    pub(crate) fn new(value: T) -> Self {
+        Self(Some(value))
+    }
+
+    pub(crate) fn get(&self) -> &T {
+        self.0.as_ref().expect("present until taken")
+    }
+
+    /// Takes the client out, for an owner that destroys it itself.
+    pub(crate) fn take(mut self) -> T {
+        self.0.take().expect("present until taken")
+    }
+}
+
+impl<T: Send + 'static> Drop for OffRuntime<T> {
+    fn drop(&mut self) {
+        if let Some(value) = self.0.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(value))),
+                Err(_) => drop(value),
+            }
         }
     }
 }

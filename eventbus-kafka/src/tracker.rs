@@ -17,9 +17,13 @@ struct State {
     partitions: HashMap<i32, Partition>,
     /// Bumped on every assignment and revocation; deliveries of an older generation are stale.
     generation: u64,
+    /// Threads blocked in `wait_settled_blocking` (settling notifies only when there are some).
+    waiters: usize,
 }
 
 struct Partition {
+    /// The assignment this state belongs to; tickets of another assignment of the same partition are ignored.
+    epoch: u64,
     generation: u64,
     /// Handed to the dispatcher and neither handled nor handed back.
     in_flight: BTreeSet<i64>,
@@ -32,6 +36,17 @@ struct Partition {
 }
 
 impl Partition {
+    fn new(generation: u64) -> Self {
+        Self {
+            epoch: generation,
+            generation,
+            in_flight: BTreeSet::new(),
+            returned: BTreeSet::new(),
+            next: -1,
+            committed: -1,
+        }
+    }
+
     /// The next offset a new owner must read: the first one not handled.
     fn position(&self) -> i64 {
         let first = |set: &BTreeSet<i64>| set.first().copied();
@@ -48,6 +63,7 @@ impl Partition {
 pub(crate) struct Ticket {
     pub(crate) partition: i32,
     pub(crate) offset: i64,
+    epoch: u64,
     generation: u64,
 }
 
@@ -62,16 +78,7 @@ impl Tracker {
         state.generation += 1;
         let generation = state.generation;
         for &partition in partitions {
-            state.partitions.insert(
-                partition,
-                Partition {
-                    generation,
-                    in_flight: BTreeSet::new(),
-                    returned: BTreeSet::new(),
-                    next: -1,
-                    committed: -1,
-                },
-            );
+            state.partitions.insert(partition, Partition::new(generation));
         }
     }
 
@@ -99,16 +106,10 @@ impl Tracker {
     pub(crate) fn received(&self, partition: i32, offset: i64) -> Ticket {
         let mut state = self.lock();
         let generation = state.generation;
-        let p = state.partitions.entry(partition).or_insert_with(|| Partition {
-            generation,
-            in_flight: BTreeSet::new(),
-            returned: BTreeSet::new(),
-            next: -1,
-            committed: -1,
-        });
+        let p = state.partitions.entry(partition).or_insert_with(|| Partition::new(generation));
         p.in_flight.insert(offset);
         p.next = p.next.max(offset + 1);
-        Ticket { partition, offset, generation: p.generation }
+        Ticket { partition, offset, epoch: p.epoch, generation: p.generation }
     }
 
     /// Whether the delivery's partition is still assigned to this consumer, in the same generation.
@@ -128,13 +129,16 @@ impl Tracker {
 
     fn settle(&self, ticket: &Ticket, returned: bool) {
         let mut state = self.lock();
-        if let Some(p) = state.partitions.get_mut(&ticket.partition) {
+        if let Some(p) = state.partitions.get_mut(&ticket.partition).filter(|p| p.epoch == ticket.epoch) {
             if p.in_flight.remove(&ticket.offset) && returned {
                 p.returned.insert(ticket.offset);
             }
         }
+        let waiting = state.waiters > 0;
         drop(state);
-        self.settled.notify_all();
+        if waiting {
+            self.settled.notify_all();
+        }
     }
 
     /// Positions that moved since the last call, of `only` these partitions or of all; each is then taken as
@@ -167,7 +171,9 @@ impl Tracker {
             if left.is_zero() {
                 return false;
             }
+            state.waiters += 1;
             state = self.settled.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0;
+            state.waiters -= 1;
         }
     }
 
@@ -204,6 +210,20 @@ mod tests {
         tracker.handled(&tickets[4]);
         assert_eq!(tracker.advanced(None), []);
         assert!(!tracker.in_flight(None));
+    }
+
+    #[test]
+    fn a_ticket_of_an_earlier_assignment_does_not_touch_the_new_one() {
+        let tracker = Tracker::default();
+        tracker.assign(&[0]);
+        let old = tracker.received(0, 7);
+        tracker.revoke(&[0]);
+        tracker.forget(&[0]);
+        tracker.assign(&[0]);
+        let new = tracker.received(0, 7);
+        tracker.returned(&old);
+        tracker.handled(&new);
+        assert_eq!(tracker.advanced(None), [(0, 8)]);
     }
 
     #[test]

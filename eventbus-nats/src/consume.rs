@@ -47,7 +47,14 @@ pub(crate) async fn open(partition: u16, consumer: PullConsumer) -> Result<Parti
         .messages()
         .await
         .map_err(|e| Error::broker(format!("cannot pull from partition {partition}"), e))?;
-    let messages = messages.map(|item| Pulled::Message(item.map_err(|e| e.to_string())));
+    // A pull stream that reports an error (missed heartbeats after a broker restart, a failed pull) may have
+    // lost its pending pull request on the server and wait for nothing: it ends at its first error, after
+    // reporting it, and the fetch loop opens a fresh one.
+    let messages = messages.scan(false, |failed, item| {
+        let next = (!*failed).then(|| Pulled::Message(item.map_err(|e| e.to_string())));
+        *failed = matches!(next, Some(Pulled::Message(Err(_))));
+        std::future::ready(next)
+    });
     Ok(messages.chain(stream::once(async move { Pulled::Ended(partition) })).boxed())
 }
 
@@ -93,9 +100,9 @@ pub(crate) async fn fetch(
                 dispatcher.push(slot, delivery);
             }
             // Missed heartbeats and failed pulls are reported by the stream and recovered by it.
-            Pulled::Message(Err(error)) => tracing::warn!(%topic, %error, "pull stream reported an error"),
+            Pulled::Message(Err(error)) => tracing::warn!(%topic, %error, "pull stream failed; re-opening it"),
             Pulled::Ended(partition) => {
-                tracing::warn!(%topic, partition, "pull stream ended; re-opening it");
+                tracing::debug!(%topic, partition, "pull stream ended; re-opening it");
                 reopening.push(reopen(partition, consumers[usize::from(partition)].clone()));
             }
         }

@@ -53,9 +53,17 @@ pub async fn run(backend: &dyn Backend) -> anyhow::Result<()> {
 
     let tally = recorder.tally(workload.total());
     let states = states.lock().unwrap().clone();
+    // An outage counts as reported when health() says reconnecting after the stop, or already did (the client
+    // was still reconnecting from the previous restart).
     let detected: Vec<Option<Duration>> = outages
         .iter()
-        .map(|&at| states.iter().find(|(t, s)| *t >= at && *s == ConnectionState::Reconnecting).map(|(t, _)| *t - at))
+        .map(|&at| {
+            let in_effect = states.iter().rev().find(|(t, _)| *t <= at).map(|(_, s)| *s);
+            if in_effect == Some(ConnectionState::Reconnecting) {
+                return Some(Duration::ZERO);
+            }
+            states.iter().find(|(t, s)| *t >= at && *s == ConnectionState::Reconnecting).map(|(t, _)| *t - at)
+        })
         .collect();
     let reconnected = states.iter().filter(|(_, s)| *s == ConnectionState::Connected).count();
     figures(
