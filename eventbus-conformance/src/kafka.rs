@@ -27,7 +27,7 @@ use crate::fixture::{Broker, BrokerSpec, Ready};
 use crate::harness::figures;
 use crate::recorder::Recorder;
 use crate::suites::DELIVERY_DEADLINE;
-use crate::workload::{forward_into, record_into, unique, Workload};
+use crate::workload::{foreign_message, forward_into, record_into, unique, Workload};
 
 /// Environment variable naming the Kafka-protocol image.
 pub const IMAGE_VARIABLE: &str = "EVENTBUS_KAFKA_IMAGE";
@@ -346,17 +346,7 @@ pub async fn interop(kafka: &Kafka) -> anyhow::Result<()> {
     let raw = connection.raw.clone().context("raw access")?;
     let topic = unique("kafka-interop");
     let (subscription, mut received) = forward_into(&*bus, &topic, SubscribeOptions::group("g")).await?;
-    let foreign = WireMessage {
-        headers: vec![
-            (wire::EVENT_ID.into(), "0190f3a8-7c1e-7cc0-8f4a-3b2d1e0f9a12".into()),
-            (wire::AGGREGATE_ID.into(), "invoice-87".into()),
-            (wire::EVENT_TYPE.into(), "InvoiceIssued".into()),
-            (wire::EVENT_VERSION.into(), "3".into()),
-            (wire::EVENT_TIMESTAMP.into(), "2026-11-28T10:00:00.5Z".into()),
-            ("x-origin".into(), "bare-rdkafka".into()),
-        ],
-        payload: Bytes::from_static(br#"{"amount":42}"#),
-    };
+    let foreign = foreign_message("invoice-87", 3, "bare-rdkafka");
     raw.publish_raw(&topic, foreign).await?;
     let consumed = tokio::time::timeout(DELIVERY_DEADLINE, received.recv()).await?.context("nothing consumed")?;
     let sent = Envelope::builder("invoice-88", "InvoicePaid")

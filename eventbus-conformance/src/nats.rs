@@ -17,7 +17,7 @@ use crate::backend::{Backend, Capabilities, Connection, Faults, Partitioning, Ra
 use crate::fixture::{Broker, BrokerSpec, Ready};
 use crate::harness::{figures, print_figures};
 use crate::suites::DELIVERY_DEADLINE;
-use crate::workload::{forward_into, unique};
+use crate::workload::{foreign_message, forward_into, unique};
 
 /// Environment variable naming the NATS image.
 pub const IMAGE_VARIABLE: &str = "EVENTBUS_NATS_IMAGE";
@@ -255,18 +255,7 @@ pub async fn interop(nats: &Nats) -> anyhow::Result<()> {
     let (subscription, mut rx) = forward_into(&*bus, &topic, SubscribeOptions::group("g")).await?;
 
     // Bare client → bus: the documented headers, written by hand.
-    let foreign = WireMessage {
-        headers: vec![
-            (wire::EVENT_ID.into(), "0190f3a8-7c1e-7cc0-8f4a-3b2d1e0f9a11".into()),
-            (wire::AGGREGATE_ID.into(), "invoice-77".into()),
-            (wire::EVENT_TYPE.into(), "InvoiceIssued".into()),
-            (wire::EVENT_VERSION.into(), "3".into()),
-            (wire::EVENT_TIMESTAMP.into(), "2026-11-28T10:00:00.5Z".into()),
-            (wire::CORRELATION_ID.into(), "run-1".into()),
-            ("x-origin".into(), "bare-client".into()),
-        ],
-        payload: Bytes::from_static(br#"{"amount":42}"#),
-    };
+    let foreign = foreign_message("invoice-77", 3, "bare-client");
     raw.publish_raw(&topic, foreign).await?;
     let consumed = tokio::time::timeout(DELIVERY_DEADLINE, rx.recv()).await?.context("nothing consumed")?;
 

@@ -143,3 +143,20 @@ pub async fn forward_into(
         .await?;
     Ok((subscription, receiver))
 }
+
+/// A message as a foreign producer writes it with the documented headers (no bus involved): event `version`
+/// of `aggregate_id`, a user header `x-origin` = `origin`, and a small JSON payload.
+pub fn foreign_message(aggregate_id: &str, version: u64, origin: &str) -> eventbus::WireMessage {
+    use eventbus::wire;
+    eventbus::WireMessage {
+        headers: vec![
+            (wire::EVENT_ID.into(), uuid::Uuid::now_v7().to_string()),
+            (wire::AGGREGATE_ID.into(), aggregate_id.into()),
+            (wire::EVENT_TYPE.into(), "InvoiceIssued".into()),
+            (wire::EVENT_VERSION.into(), version.to_string()),
+            (wire::EVENT_TIMESTAMP.into(), "2026-11-28T10:00:00.5Z".into()),
+            ("x-origin".into(), origin.into()),
+        ],
+        payload: bytes::Bytes::from_static(br#"{"amount":42}"#),
+    }
+}
