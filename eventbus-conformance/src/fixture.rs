@@ -9,6 +9,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use testcontainers::core::{IntoContainerPort, WaitFor};
+
+use crate::backend::Faults;
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
 
@@ -152,6 +154,31 @@ impl Broker {
         if let Some(container) = self.container.take() {
             let _ = container.rm().await;
         }
+    }
+}
+
+/// A broker's fault controls, as the suites use them. `restart` says whether the broker's storage survives a
+/// restart (a broker that loses everything is declared unable to restart).
+pub struct BrokerFaults {
+    /// The broker.
+    pub broker: std::sync::Arc<Broker>,
+    /// Whether [`Faults::restart`] is offered.
+    pub restart: bool,
+}
+
+#[async_trait::async_trait]
+impl Faults for BrokerFaults {
+    async fn pause(&self) -> anyhow::Result<()> {
+        self.broker.pause().await
+    }
+
+    async fn unpause(&self) -> anyhow::Result<()> {
+        self.broker.unpause().await
+    }
+
+    async fn restart(&self, down_for: Duration) -> anyhow::Result<()> {
+        anyhow::ensure!(self.restart, "this broker's storage does not survive a restart");
+        self.broker.restart(down_for).await
     }
 }
 

@@ -22,8 +22,8 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::backend::{Backend, Capabilities, Connection, Faults, RawAccess};
-use crate::fixture::{Broker, BrokerSpec, Ready};
+use crate::backend::{Backend, Capabilities, Connection, RawAccess};
+use crate::fixture::{Broker, BrokerFaults, BrokerSpec, Ready};
 use crate::harness::figures;
 use crate::recorder::Recorder;
 use crate::suites::DELIVERY_DEADLINE;
@@ -163,27 +163,6 @@ impl Backend for Kafka {
     fn unreachable_config(&self) -> Option<BusConfig> {
         // Nothing listens on port 1.
         Some(BusConfig::from_url("kafka://127.0.0.1:1"))
-    }
-}
-
-struct BrokerFaults {
-    broker: Arc<Broker>,
-    restart: bool,
-}
-
-#[async_trait]
-impl Faults for BrokerFaults {
-    async fn pause(&self) -> anyhow::Result<()> {
-        self.broker.pause().await
-    }
-
-    async fn unpause(&self) -> anyhow::Result<()> {
-        self.broker.unpause().await
-    }
-
-    async fn restart(&self, down_for: Duration) -> anyhow::Result<()> {
-        ensure!(self.restart, "this broker's storage does not survive a restart");
-        self.broker.restart(down_for).await
     }
 }
 

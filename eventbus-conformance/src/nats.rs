@@ -13,8 +13,8 @@ use eventbus::wire::{self, WireMessage};
 use eventbus::{BusConfig, Envelope, Error, EventBus, EventBusExt, SubscribeOptions};
 use tokio::sync::{mpsc, OnceCell};
 
-use crate::backend::{Backend, Capabilities, Connection, Faults, Partitioning, RawAccess};
-use crate::fixture::{Broker, BrokerSpec, Ready};
+use crate::backend::{Backend, Capabilities, Connection, Partitioning, RawAccess};
+use crate::fixture::{Broker, BrokerFaults, BrokerSpec, Ready};
 use crate::harness::{figures, print_figures};
 use crate::suites::DELIVERY_DEADLINE;
 use crate::workload::{foreign_message, forward_into, unique};
@@ -93,30 +93,13 @@ impl Backend for Nats {
         Ok(Connection {
             bus: Arc::new(bus),
             raw: Some(Arc::new(raw)),
-            faults: Some(Arc::new(BrokerFaults(self.broker.clone()))),
+            faults: Some(Arc::new(BrokerFaults { broker: self.broker.clone(), restart: true })),
         })
     }
 
     fn unreachable_config(&self) -> Option<BusConfig> {
         // Nothing listens on port 1.
         Some(BusConfig::from_url("nats://127.0.0.1:1"))
-    }
-}
-
-struct BrokerFaults(Arc<Broker>);
-
-#[async_trait]
-impl Faults for BrokerFaults {
-    async fn pause(&self) -> anyhow::Result<()> {
-        self.0.pause().await
-    }
-
-    async fn unpause(&self) -> anyhow::Result<()> {
-        self.0.unpause().await
-    }
-
-    async fn restart(&self, down_for: Duration) -> anyhow::Result<()> {
-        self.0.restart(down_for).await
     }
 }
 
