@@ -150,7 +150,8 @@ pub struct Dispatcher {
 
 struct Shared {
     topic: String,
-    queues: Mutex<HashMap<Arc<str>, VecDeque<Queued>>>,
+    /// Keyed by aggregate id; foldhash because it is hashed on every delivery and stays seeded per process.
+    queues: Mutex<HashMap<Arc<str>, VecDeque<Queued>, foldhash::fast::RandomState>>,
     ready_tx: async_channel::Sender<Arc<str>>,
     ready_rx: async_channel::Receiver<Arc<str>>,
     capacity: Arc<Semaphore>,
@@ -176,7 +177,7 @@ impl Dispatcher {
         Self {
             shared: Arc::new(Shared {
                 topic: topic.into(),
-                queues: Mutex::new(HashMap::new()),
+                queues: Mutex::new(HashMap::default()),
                 ready_tx,
                 ready_rx,
                 capacity: Arc::new(Semaphore::new(capacity.max(1))),

@@ -245,6 +245,7 @@ impl EventBus for KafkaBus {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", millis(config.kafka.session_timeout))
+            .set("fetch.wait.max.ms", millis(config.kafka.fetch_wait))
             .set("enable.partition.eof", "false")
             .create_with_context(context)
             .map_err(|e| Error::Config(format!("cannot create the Kafka consumer: {e}")))?;

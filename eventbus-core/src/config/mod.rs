@@ -125,6 +125,9 @@ impl BusConfig {
         self.retry.validate("retry")?;
         positive("connect_timeout", self.connect_timeout)?;
         positive("close_timeout", self.close_timeout)?;
+        if self.memory.max_backlog == 0 {
+            return Err(Error::Config("memory.max_backlog must be at least 1".into()));
+        }
         if self.nats.partitions == 0 {
             return Err(Error::Config("nats.partitions must be at least 1".into()));
         }
@@ -304,13 +307,17 @@ impl DeadLetterConfig {
 pub struct MemoryConfig {
     /// Events kept per topic for groups that subscribe later, beyond those some group has yet to consume.
     pub history: usize,
+    /// Most events a topic holds that some group has yet to read. Beyond it a publish waits for the slowest
+    /// group to catch up, at most `publish.enqueue_timeout`, and then fails: the process's memory, which is
+    /// this backend's storage, stays bounded however far publishers run ahead of consumers.
+    pub max_backlog: usize,
     /// Largest accepted payload, in bytes.
     pub max_payload: usize,
 }
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        Self { history: 10_000, max_payload: 1024 * 1024 }
+        Self { history: 10_000, max_backlog: 8192, max_payload: 1024 * 1024 }
     }
 }
 
