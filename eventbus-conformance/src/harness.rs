@@ -87,7 +87,7 @@ pub fn broker_unavailable(backend: &str, reason: &str, extras: &[&'static str]) 
 }
 
 /// Logs of the bus on stderr when `EVENTBUS_LOG` holds a filter (for example `EVENTBUS_LOG=eventbus_nats=debug`).
-fn init_logging() {
+pub fn init_logging() {
     if let Ok(filter) = std::env::var("EVENTBUS_LOG") {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))

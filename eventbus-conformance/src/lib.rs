@@ -24,6 +24,7 @@
 //! ```
 
 pub mod backend;
+pub mod bench;
 pub mod fixture;
 pub mod harness;
 pub mod kafka;

@@ -1,0 +1,167 @@
+//! A level run through rdkafka directly: an idempotent `FutureProducer` and a plain `StreamConsumer`, with
+//! nothing of the bus in between.
+//!
+//! The topics get the same partition count as the bus creates by default. One consumer (auto-commit, reading
+//! from the earliest offset) takes every topic; the clock starts once it has been assigned all partitions.
+//! Publishers send with the same headers as the bus, keyed by aggregate, and hand each delivery future to one
+//! collector task, whose queue holds as many as the bus's publish window.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eventbus::wire;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+
+use super::bus::{workload, Baseline, PublishTimings};
+use super::report::{Client, Measurement};
+use super::sampler::Sampler;
+use super::tally::{record_latency, DeliveryTally};
+use super::{aggregate_index, Level, DRAIN_DEADLINE};
+
+/// Longest the consumer may take to be assigned every partition.
+const ASSIGNMENT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Runs `level` on the broker at `bootstrap` (`host:port`) through the bare client.
+pub async fn run(
+    bootstrap: &str,
+    level: Level,
+    payload: usize,
+    partitions: i32,
+    window: usize,
+) -> anyhow::Result<Measurement> {
+    let baseline = Baseline::take();
+    let workload = workload(Client::Bare, level, payload);
+    let mut base = ClientConfig::new();
+    base.set("bootstrap.servers", bootstrap);
+    let admin: AdminClient<DefaultClientContext> = base.create()?;
+    let new_topics: Vec<NewTopic<'_>> =
+        workload.topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
+    for result in admin.create_topics(&new_topics, &AdminOptions::new()).await? {
+        result.map_err(|(topic, code)| anyhow::anyhow!("cannot create topic {topic}: {code}"))?;
+    }
+    let producer: FutureProducer = base.clone().set("enable.idempotence", "true").create()?;
+    let consumer: Arc<StreamConsumer> = Arc::new(
+        base.clone()
+            .set("group.id", format!("{}-bare", workload.topics[0]))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .create()?,
+    );
+    let topics: Vec<&str> = workload.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    let tally = Arc::new(DeliveryTally::new(level.aggregates, level.versions()));
+    let stop = CancellationToken::new();
+    let consuming = {
+        let (consumer, tally, stop) = (consumer.clone(), tally.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    message = consumer.recv() => message,
+                };
+                let Ok(message) = message else { continue };
+                let headers =
+                    message.headers().into_iter().flat_map(|h| h.iter()).map(|h| (h.key, h.value.unwrap_or_default()));
+                let payload = bytes::Bytes::copy_from_slice(message.payload().unwrap_or_default());
+                match wire::decode(headers, payload) {
+                    Ok(event) => {
+                        tally.record(aggregate_index(&event.aggregate_id), event.event_version, event.timestamp)
+                    }
+                    Err(_) => tally.record(None, 0, std::time::SystemTime::now()),
+                }
+            }
+        })
+    };
+    wait_for_assignment(&consumer, topics.len() * partitions as usize).await?;
+
+    let sampler = Sampler::start();
+    let timings = Arc::new(PublishTimings::new());
+    let (deliveries, pending) = tokio::sync::mpsc::channel::<(Instant, DeliveryFuture)>(window);
+    let collector = tokio::spawn(collect(pending, timings.clone()));
+    let started = Instant::now();
+    let mut publishers = tokio::task::JoinSet::new();
+    for i in 0..workload.aggregates {
+        let (producer, workload, timings, deliveries) =
+            (producer.clone(), workload.clone(), timings.clone(), deliveries.clone());
+        publishers.spawn(async move {
+            let topic = workload.topic_of(i);
+            for version in 1..=workload.versions {
+                let event = workload.event(i, version);
+                let wire = wire::encode(&event);
+                let headers =
+                    wire.headers.iter().fold(OwnedHeaders::new_with_capacity(wire.headers.len()), |h, (k, v)| {
+                        h.insert(Header { key: k, value: Some(v.as_bytes()) })
+                    });
+                let sent = Instant::now();
+                let delivery = loop {
+                    let record = FutureRecord::<str, [u8]>::to(topic)
+                        .key(&event.aggregate_id)
+                        .payload(&wire.payload)
+                        .headers(headers.clone());
+                    match producer.send_result(record) {
+                        Ok(delivery) => break Some(delivery),
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        Err(_) => break None,
+                    }
+                };
+                match delivery {
+                    Some(delivery) => {
+                        if deliveries.send((sent, delivery)).await.is_err() {
+                            timings.failed();
+                        }
+                        record_latency(&timings.enqueue, sent.elapsed());
+                    }
+                    None => timings.failed(),
+                }
+            }
+        });
+    }
+    drop(deliveries);
+    while let Some(joined) = publishers.join_next().await {
+        if joined.is_err() {
+            timings.failed();
+        }
+    }
+    let _ = collector.await;
+    tally.wait_complete(DRAIN_DEADLINE).await;
+    let elapsed = started.elapsed();
+    stop.cancel();
+    let _ = consuming.await;
+    let topics: Vec<String> = workload.topics.clone();
+    let _ = admin.delete_topics(&topics.iter().map(String::as_str).collect::<Vec<_>>(), &AdminOptions::new()).await;
+    // Dropping rdkafka clients blocks while their threads stop: off the runtime.
+    let _ = tokio::task::spawn_blocking(move || drop((consumer, producer, admin))).await;
+    Ok(baseline.measure("kafka", Client::Bare, level, elapsed, sampler, &timings, &tally).await)
+}
+
+async fn wait_for_assignment(consumer: &StreamConsumer, partitions: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + ASSIGNMENT_DEADLINE;
+    loop {
+        if consumer.assignment()?.count() >= partitions {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("the bare consumer was not assigned {partitions} partitions within {ASSIGNMENT_DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The one task that settles every delivery report, in the order they were sent.
+async fn collect(mut pending: tokio::sync::mpsc::Receiver<(Instant, DeliveryFuture)>, timings: Arc<PublishTimings>) {
+    while let Some((sent, delivery)) = pending.recv().await {
+        match delivery.await {
+            Ok(Ok(_)) => record_latency(&timings.ack, sent.elapsed()),
+            _ => timings.failed(),
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! The benchmark behind `eventbus-bench`: the seed's workload levels, run through the bus and through the
+//! bare broker client on the same broker, measured end to end.
+//!
+//! A run ([`bus::run`], [`nats_bare::run`], [`kafka_bare::run`]) starts its consumers, waits until they
+//! report they are live, then starts the clock at the first publish and stops it at the last event consumed:
+//! no fixed sleeps. One publisher task per aggregate sends its versions in order, keeping at most
+//! [`PUBLISHER_PIPELINE`] acks outstanding. Every delivery goes through a [`tally::DeliveryTally`], which
+//! finds order violations, losses and duplicates.
+
+pub mod bus;
+pub mod kafka_bare;
+pub mod nats_bare;
+pub mod plot;
+pub mod report;
+pub mod sampler;
+pub mod tally;
+
+use std::time::Duration;
+
+/// Acks a publisher task may wait for at once; the oldest is awaited before the next publish beyond it.
+/// Bounds the receipts the benchmark itself holds (10,000 publishers at `scale`).
+pub const PUBLISHER_PIPELINE: usize = 32;
+
+/// Longest a run waits for its last event once publishing is done.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(600);
+
+/// The topics every level publishes to; aggregate `i` goes to topic `i mod TOPICS`.
+pub const TOPICS: usize = 5;
+
+/// One workload size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Level {
+    /// Its name on the command line.
+    pub name: &'static str,
+    /// Events published.
+    pub messages: usize,
+    /// Aggregates (and publisher tasks); each gets `messages / aggregates` versions.
+    pub aggregates: usize,
+}
+
+/// The seed's levels: N = 500 / 2000 / 5000 / 10000 with N/10 aggregates clamped to 50..1000, then `scale`.
+pub const LEVELS: [Level; 5] = [
+    Level { name: "low", messages: 500, aggregates: 50 },
+    Level { name: "mid", messages: 2000, aggregates: 200 },
+    Level { name: "high", messages: 5000, aggregates: 500 },
+    Level { name: "extreme", messages: 10_000, aggregates: 1000 },
+    Level { name: "scale", messages: 1_000_000, aggregates: 10_000 },
+];
+
+impl Level {
+    /// The level named `name`.
+    pub fn named(name: &str) -> Option<Self> {
+        LEVELS.iter().copied().find(|level| level.name == name)
+    }
+
+    /// Versions per aggregate.
+    pub fn versions(&self) -> u64 {
+        (self.messages / self.aggregates) as u64
+    }
+}
+
+/// The aggregate index of a workload aggregate id (`<run>-agg-<i>`).
+pub fn aggregate_index(aggregate_id: &str) -> Option<usize> {
+    aggregate_id.rsplit_once("-agg-").and_then(|(_, index)| index.parse().ok())
+}
