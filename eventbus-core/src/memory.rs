@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -82,8 +82,14 @@ struct Topic {
     log: Mutex<Log>,
     end: watch::Sender<u64>,
     groups: Mutex<HashMap<String, Arc<Group>>>,
-    /// Signalled when a group's cursor moves, for publishes waiting for room in a full log.
-    room: Notify,
+    /// `groups.len()`, read without the lock on every publish and every event read.
+    group_count: AtomicUsize,
+    /// One permit per event some group may still have to read (`memory.max_backlog`): a publish takes one,
+    /// and it comes back once every group has read past its event. Waiters are served in order, each woken
+    /// once, however many publishers wait.
+    room: Semaphore,
+    /// Offset below which every event's permit is back (or was never needed).
+    released: AtomicU64,
 }
 
 #[derive(Default)]
@@ -172,7 +178,7 @@ impl MemoryBus {
         let mut held = lock(&outage.held);
         if let Some(publishes) = held.take() {
             for publish in publishes {
-                let offset = publish.topic.append(publish.stored, &self.inner.config);
+                let offset = publish.topic.append_reserved(publish.stored, &self.inner.config);
                 let _ = publish.stored_at.send(offset);
             }
             outage.paused.store(false, Ordering::Release);
@@ -241,16 +247,18 @@ impl Inner {
             log: Mutex::new(Log::default()),
             end: watch::Sender::new(0),
             groups: Mutex::new(HashMap::new()),
-            room: Notify::new(),
+            group_count: AtomicUsize::new(0),
+            room: Semaphore::new(self.config.memory.max_backlog),
+            released: AtomicU64::new(0),
         });
         topics.insert(name.to_owned(), topic.clone());
         topic
     }
 
-    /// Wakes publishes waiting for room, so that they see the bus closed.
+    /// Refuses publishes waiting for room, now that the bus is closed.
     fn wake_waiting_publishes(&self) {
         for topic in lock(&self.topics).values() {
-            topic.room.notify_waiters();
+            topic.room.close();
         }
     }
 
@@ -263,40 +271,48 @@ impl Inner {
 }
 
 impl Topic {
-    /// Appends `stored` once the log has room for it: waits while `memory.max_backlog` events are unread by
-    /// some group, at most until `deadline`.
-    async fn append_within(
-        &self,
-        stored: Stored,
-        config: &BusConfig,
-        core: &BusCore,
-        deadline: Instant,
-    ) -> Result<u64> {
-        let limit = config.memory.history.saturating_add(config.memory.max_backlog);
-        loop {
-            // A publish still waiting when the bus closes is refused, not stored.
-            core.ensure_open()?;
-            let room = self.room.notified();
-            tokio::pin!(room);
-            // Registered before looking, so a cursor that moves in between still wakes this publish.
-            room.as_mut().enable();
-            if lock(&self.log).entries.len() < limit {
-                return Ok(self.append(stored, config));
+    /// Waits for room for one more unread event, at most until `deadline` (see [`Topic::room`]).
+    async fn reserve_room(&self, config: &BusConfig, deadline: Instant) -> Result<()> {
+        match tokio::time::timeout_at(deadline, self.room.acquire()).await {
+            Ok(Ok(permit)) => {
+                // Returned by `release_read` once every group has read the event, not when this scope ends.
+                permit.forget();
+                Ok(())
             }
-            self.trim(config.memory.history);
-            if lock(&self.log).entries.len() < limit {
-                return Ok(self.append(stored, config));
-            }
-            if tokio::time::timeout_at(deadline, room).await.is_err() {
-                return Err(Error::Broker {
-                    message: format!(
-                        "memory topic {:?} is full: memory.max_backlog = {} events are unread by its slowest \
-                         group, which did not catch up within publish.enqueue_timeout = {:?}",
-                        self.name, config.memory.max_backlog, config.publish.enqueue_timeout
-                    ),
-                    source: None,
-                });
-            }
+            // Closed by close(): the bus no longer takes publishes.
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Broker {
+                message: format!(
+                    "memory topic {:?} is full: memory.max_backlog = {} events are unread by its slowest group, \
+                     which did not catch up within publish.enqueue_timeout = {:?}",
+                    self.name, config.memory.max_backlog, config.publish.enqueue_timeout
+                ),
+                source: None,
+            }),
+        }
+    }
+
+    /// Appends an event published with room reserved: with no group to read it, its room is given back now.
+    fn append_reserved(&self, stored: Stored, config: &BusConfig) -> u64 {
+        let offset = self.append(stored, config);
+        if self.group_count.load(Ordering::Acquire) == 0 {
+            self.released.fetch_max(offset + 1, Ordering::AcqRel);
+            self.room.add_permits(1);
+        }
+        offset
+    }
+
+    /// Gives back the room of every event all groups have now read; `cursor` is the reading group's.
+    fn release_read(&self, cursor: u64) {
+        let slowest = if self.group_count.load(Ordering::Acquire) == 1 {
+            cursor
+        } else {
+            lock(&self.groups).values().map(|g| g.cursor.load(Ordering::Acquire)).min().unwrap_or(cursor)
+        };
+        let before = self.released.fetch_max(slowest, Ordering::AcqRel);
+        if slowest > before {
+            // Raw and dead-letter appends take no room, so this may return a little more than was taken.
+            self.room.add_permits((slowest - before) as usize);
         }
     }
 
@@ -349,6 +365,7 @@ impl Topic {
             fetcher: Mutex::new(Fetcher::default()),
         });
         groups.insert(name.to_owned(), group.clone());
+        self.group_count.store(groups.len(), Ordering::Release);
         group
     }
 }
@@ -466,9 +483,7 @@ async fn fetch(
                 _ = group.dispatcher.dispatch(delivery) => {}
             }
             group.cursor.store(offset + 1, Ordering::Release);
-            // One waiting publish per event read, not all of them: waking every waiting publisher (10,000 in
-            // the benchmark) for each event costs far more than the event.
-            topic.room.notify_one();
+            topic.release_read(offset + 1);
         }
     }
 }
@@ -493,6 +508,7 @@ impl EventBus for MemoryBus {
         inner.core.count_rejection(inner.check(topic, &envelope))?;
         let slot = inner.core.admit().await?;
         let topic = inner.topic(topic);
+        topic.reserve_room(&inner.config, deadline).await?;
         let event_id = envelope.event_id;
         let aggregate_id = envelope.aggregate_id.clone();
         let ack = PublishAck::new(event_id, &*topic.name);
@@ -505,7 +521,7 @@ impl EventBus for MemoryBus {
                 inner.core.window.submit(slot, &topic.name, event_id, &aggregate_id, ack).await
             }
             Err(stored) => {
-                let offset = topic.append_within(stored, &inner.config, &inner.core, deadline).await?;
+                let offset = topic.append_reserved(stored, &inner.config);
                 let ack = std::future::ready(Ok(ack.with_sequence(offset)));
                 inner.core.window.submit(slot, &topic.name, event_id, &aggregate_id, ack).await
             }

@@ -1,7 +1,8 @@
 //! A level run through rdkafka directly: an idempotent `FutureProducer` and a plain `StreamConsumer`, with
 //! nothing of the bus in between.
 //!
-//! The topics get the same partition count as the bus creates by default. One consumer (auto-commit, reading
+//! The topics get the partition count the bus gives its topics, and the producer and consumer the bus's
+//! `linger.ms` and `fetch.wait.max.ms`; everything else is librdkafka's default. One consumer (auto-commit, reading
 //! from the earliest offset) takes every topic; the clock starts once it has been assigned all partitions.
 //! Publishers send with the same headers as the bus, keyed by aggregate, and hand each delivery future to one
 //! collector task, whose queue holds as many as the bus's publish window.
@@ -9,14 +10,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use eventbus::wire;
+use eventbus::{wire, BusConfig};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio_util::sync::CancellationToken;
 
 use super::bus::{workload, Baseline, PublishTimings};
@@ -29,13 +30,9 @@ use super::{aggregate_index, Level, DRAIN_DEADLINE};
 const ASSIGNMENT_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Runs `level` on the broker at `bootstrap` (`host:port`) through the bare client.
-pub async fn run(
-    bootstrap: &str,
-    level: Level,
-    payload: usize,
-    partitions: i32,
-    window: usize,
-) -> anyhow::Result<Measurement> {
+pub async fn run(bootstrap: &str, level: Level, payload: usize, config: &BusConfig) -> anyhow::Result<Measurement> {
+    let partitions = config.kafka.topic.partitions;
+    let window = config.publish.window;
     let baseline = Baseline::take();
     let workload = workload(Client::Bare, level, payload);
     let mut base = ClientConfig::new();
@@ -46,11 +43,22 @@ pub async fn run(
     for result in admin.create_topics(&new_topics, &AdminOptions::new()).await? {
         result.map_err(|(topic, code)| anyhow::anyhow!("cannot create topic {topic}: {code}"))?;
     }
-    let producer: FutureProducer = base.clone().set("enable.idempotence", "true").create()?;
+    // The same batching delay and fetch wait as the bus, so that the ratio compares the clients, not two sets
+    // of defaults (librdkafka waits up to 500 ms per fetch on its own).
+    let producer: FutureProducer = base
+        .clone()
+        .set("enable.idempotence", "true")
+        .set("linger.ms", config.kafka.linger.as_millis().to_string())
+        .create()?;
+    // Like the bus's connect(), learn the cluster before the clock starts.
+    let probe = producer.clone();
+    tokio::task::spawn_blocking(move || probe.client().fetch_metadata(None, Duration::from_secs(10)).map(drop))
+        .await??;
     let consumer: Arc<StreamConsumer> = Arc::new(
         base.clone()
             .set("group.id", format!("{}-bare", workload.topics[0]))
             .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", config.kafka.fetch_wait.as_millis().to_string())
             .set("enable.partition.eof", "false")
             .create()?,
     );
@@ -136,8 +144,8 @@ pub async fn run(
     let elapsed = started.elapsed();
     stop.cancel();
     let _ = consuming.await;
-    let topics: Vec<String> = workload.topics.clone();
-    let _ = admin.delete_topics(&topics.iter().map(String::as_str).collect::<Vec<_>>(), &AdminOptions::new()).await;
+    // The topics stay, as the bus run's do: deleting them while the clients still cache their metadata
+    // crashed librdkafka 2.12.1 (a segfault in rd_kafka_metadata_cache_find, seen against tansu).
     // Dropping rdkafka clients blocks while their threads stop: off the runtime.
     let _ = tokio::task::spawn_blocking(move || drop((consumer, producer, admin))).await;
     Ok(baseline.measure("kafka", Client::Bare, level, elapsed, sampler, &timings, &tally).await)

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 /// Acks a publisher task may wait for at once; the oldest is awaited before the next publish beyond it.
 /// Bounds the receipts the benchmark itself holds (10,000 publishers at `scale`).
-pub const PUBLISHER_PIPELINE: usize = 32;
+pub const PUBLISHER_PIPELINE: usize = 8;
 
 /// Longest a run waits for its last event once publishing is done.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(600);
