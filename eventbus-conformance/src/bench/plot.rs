@@ -18,15 +18,16 @@ const FONT_PATHS: [&str; 3] = [
 /// Environment variable naming a TrueType font for the plot's text.
 pub const FONT_VARIABLE: &str = "EVENTBUS_PLOT_FONT";
 
-/// Series colours, in the order series first appear.
-const COLOURS: [RGBColor; 6] = [
-    RGBColor(31, 119, 180),
-    RGBColor(174, 199, 232),
-    RGBColor(214, 39, 40),
-    RGBColor(255, 152, 150),
-    RGBColor(44, 160, 44),
-    RGBColor(152, 223, 138),
-];
+/// One hue per backend: the bus in its full shade, the bare client in its light one.
+fn colour(backend: &str, client: Client) -> RGBColor {
+    match (backend, client) {
+        ("memory", _) => RGBColor(31, 119, 180),
+        ("nats", Client::Bus) => RGBColor(44, 160, 44),
+        ("nats", Client::Bare) => RGBColor(152, 223, 138),
+        (_, Client::Bus) => RGBColor(214, 39, 40),
+        (_, Client::Bare) => RGBColor(255, 152, 150),
+    }
+}
 
 /// Writes an SVG bar chart of the throughput of every measurement to `path`.
 pub fn write_svg(measurements: &[Measurement], path: &Path) -> anyhow::Result<()> {
@@ -69,7 +70,7 @@ pub fn write_svg(measurements: &[Measurement], path: &Path) -> anyhow::Result<()
 
     let width = 0.8 / series.len() as f64;
     for (s, (backend, client)) in series.iter().enumerate() {
-        let colour = COLOURS[s % COLOURS.len()];
+        let colour = colour(backend, *client);
         let bars = measurements.iter().filter(|m| m.backend == *backend && m.client == *client).filter_map(|m| {
             let level = levels.iter().position(|l| *l == m.level)? as f64;
             let left = level + 0.1 + width * s as f64;

@@ -1,11 +1,11 @@
 //! One run's figures, and the table and JSON lines they are printed as.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::tally::{Counts, Percentiles};
 
 /// Which client a run went through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Client {
     /// The `EventBus`.
@@ -24,7 +24,7 @@ impl std::fmt::Display for Client {
 }
 
 /// The figures of one run of one level through one client.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Measurement {
     /// `memory`, `nats` or `kafka`.
     pub backend: String,
@@ -67,7 +67,7 @@ pub struct Measurement {
 }
 
 /// [`Counts`], serializable.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct CountsReport {
     /// Deliveries, duplicates included.
     pub deliveries: usize,
@@ -167,5 +167,14 @@ impl Measurement {
     /// This run as one JSON line.
     pub fn json_line(&self) -> String {
         serde_json::to_string(self).expect("a measurement always serializes")
+    }
+
+    /// The measurements of a file of JSON lines written by `--json`.
+    pub fn read_json_lines(text: &str) -> anyhow::Result<Vec<Measurement>> {
+        text.lines()
+            .filter(|line| !line.trim().is_empty())
+            .enumerate()
+            .map(|(i, line)| serde_json::from_str(line).map_err(|e| anyhow::anyhow!("line {}: {e}", i + 1)))
+            .collect()
     }
 }

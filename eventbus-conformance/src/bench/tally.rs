@@ -130,7 +130,7 @@ pub fn record_latency(histogram: &Mutex<Histogram<u64>>, latency: Duration) {
 }
 
 /// Percentiles of a latency histogram, in microseconds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Percentiles {
     /// Median.
     pub p50: u64,

@@ -6,6 +6,7 @@
 //! eventbus-bench --backend nats --level all --raw                       # starts a NATS container
 //! eventbus-bench --backend kafka --url kafka://127.0.0.1:9092 --level extreme --raw --json bench.jsonl
 //! eventbus-bench --backend all --level all --raw --json bench.jsonl --plot throughput.svg
+//! eventbus-bench --plot-from bench.jsonl --plot throughput.svg                # redraw, run nothing
 //! ```
 //!
 //! `--config FILE.json` runs the bus with those settings (the `BusConfig` JSON of docs/configuration.md; its
@@ -33,7 +34,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const USAGE: &str = "usage: eventbus-bench [--backend memory|nats|kafka|all] [--url URL] \
 [--level low|mid|high|extreme|scale|all]... [--raw] [--payload BYTES] [--config FILE.json] [--json FILE] \
-[--plot FILE.svg]";
+[--plot FILE.svg]\n       eventbus-bench --plot-from FILE.jsonl --plot FILE.svg";
 
 struct Options {
     backends: Vec<String>,
@@ -44,6 +45,7 @@ struct Options {
     config: Option<PathBuf>,
     json: Option<PathBuf>,
     plot: Option<PathBuf>,
+    plot_from: Option<PathBuf>,
 }
 
 fn parse() -> Result<Options, String> {
@@ -57,6 +59,7 @@ fn parse() -> Result<Options, String> {
         config: None,
         json: None,
         plot: None,
+        plot_from: None,
     };
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
@@ -72,6 +75,7 @@ fn parse() -> Result<Options, String> {
             "--json" => options.json = Some(value()?.into()),
             "--config" => options.config = Some(value()?.into()),
             "--plot" => options.plot = Some(value()?.into()),
+            "--plot-from" => options.plot_from = Some(value()?.into()),
             "--level" => match value()?.as_str() {
                 "all" => options.levels.extend(LEVELS),
                 name => options.levels.push(Level::named(name).ok_or(format!("unknown level {name:?}"))?),
@@ -92,6 +96,9 @@ fn parse() -> Result<Options, String> {
     if options.payload == 0 {
         return Err("--payload must be at least 1 byte".to_owned());
     }
+    if options.plot_from.is_some() && options.plot.is_none() {
+        return Err("--plot-from needs --plot FILE.svg to write to".to_owned());
+    }
     if let Some(plot) = &options.plot {
         if plot.extension().is_none_or(|e| e != "svg") {
             return Err(format!("--plot writes SVG: give a file ending in .svg, not {}", plot.display()));
@@ -109,6 +116,15 @@ fn main() -> ExitCode {
         }
     };
     eventbus_conformance::harness::init_logging();
+    if let (Some(input), Some(output)) = (&options.plot_from, &options.plot) {
+        return match replot(input, output) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("eventbus-bench: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
     match runtime.block_on(run(&options)) {
         Ok(true) => ExitCode::SUCCESS,
@@ -118,6 +134,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Draws the plot of earlier runs saved with `--json`, without running anything.
+fn replot(input: &std::path::Path, output: &std::path::Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(input).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", input.display()))?;
+    let measured = Measurement::read_json_lines(&text).map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
+    plot::write_svg(&measured, output)?;
+    eprintln!("eventbus-bench: wrote {}", output.display());
+    Ok(())
 }
 
 /// A broker to run against: the one at `--url`, or a container started here.
