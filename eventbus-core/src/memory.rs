@@ -256,7 +256,7 @@ impl Inner {
     }
 
     /// Refuses publishes waiting for room, now that the bus is closed.
-    fn wake_waiting_publishes(&self) {
+    fn refuse_waiting_publishes(&self) {
         for topic in lock(&self.topics).values() {
             topic.room.close();
         }
@@ -581,7 +581,7 @@ impl EventBus for MemoryBus {
                 for group in inner.all_groups() {
                     group.stop_fetching(deadline).await;
                 }
-                inner.wake_waiting_publishes();
+                inner.refuse_waiting_publishes();
                 *lock(&inner.health) = Health::new(ConnectionState::Closed);
             })
             .await
@@ -595,7 +595,7 @@ impl Drop for MemoryBus {
         for group in self.inner.all_groups() {
             group.abort_fetching();
         }
-        self.inner.wake_waiting_publishes();
+        self.inner.refuse_waiting_publishes();
     }
 }
 
