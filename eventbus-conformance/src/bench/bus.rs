@@ -1,18 +1,20 @@
 //! A level run through the `EventBus`.
 
 use std::collections::VecDeque;
+use std::future::IntoFuture;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use eventbus::{BusConfig, EventBus, EventBusExt, HandlerError, SubscribeOptions};
 use hdrhistogram::Histogram;
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
 
 use super::report::{Client, Measurement};
-use super::sampler::{rss_kib, Sampler};
 use super::tally::{latency_histogram, record_latency, DeliveryTally, Percentiles};
 use super::{aggregate_index, Level, DRAIN_DEADLINE, PUBLISHER_PIPELINE, TOPICS};
-use crate::probe::{resources, tasks_settled};
+use crate::probe::{resources, rss_kib, tasks_settled, Sampler};
 use crate::workload::Workload;
 
 /// Enqueue and ack latencies and failures of every publisher task.
@@ -42,6 +44,49 @@ impl PublishTimings {
     pub(crate) fn failed(&self) {
         self.failures.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Waits for every publisher task; one that panicked counts as a failed publish.
+    pub(crate) async fn join(&self, mut publishers: JoinSet<()>) {
+        while let Some(joined) = publishers.join_next().await {
+            if joined.is_err() {
+                self.failed();
+            }
+        }
+    }
+}
+
+/// Where bare publishers hand their acks (futures, or what turns into one): one task settles them in the order they were sent, at most
+/// `window` waiting. `acked` tells a stored message from a failed one. Dropping every sender ends the task.
+pub(crate) fn collect_acks<F>(
+    window: usize,
+    timings: Arc<PublishTimings>,
+    acked: fn(&F::Output) -> bool,
+) -> (mpsc::Sender<(Instant, F)>, JoinHandle<()>)
+where
+    F: IntoFuture + Send + 'static,
+    F::IntoFuture: Send,
+    F::Output: Send,
+{
+    let (acks, mut pending) = mpsc::channel::<(Instant, F)>(window);
+    let collector = tokio::spawn(async move {
+        while let Some((sent, ack)) = pending.recv().await {
+            if acked(&ack.into_future().await) {
+                record_latency(&timings.ack, sent.elapsed());
+            } else {
+                timings.failed();
+            }
+        }
+    });
+    (acks, collector)
+}
+
+/// Hands the ack future of a publish sent at `sent` to the collector; the wait for room in its queue counts in
+/// the publish latency, as the wait for window room does on the bus.
+pub(crate) async fn hand_over<F>(acks: &mpsc::Sender<(Instant, F)>, timings: &PublishTimings, sent: Instant, ack: F) {
+    if acks.send((sent, ack)).await.is_err() {
+        timings.failed();
+    }
+    record_latency(&timings.enqueue, sent.elapsed());
 }
 
 /// What every run measures around its client: the state before, the sampler during.
@@ -141,7 +186,7 @@ pub async fn run(config: &BusConfig, backend: &str, level: Level, payload: usize
 /// One task per aggregate publishes its versions in order, with at most [`PUBLISHER_PIPELINE`] receipts
 /// outstanding.
 async fn publish_all(bus: &Arc<dyn EventBus>, workload: &Workload, timings: &Arc<PublishTimings>) {
-    let mut publishers = tokio::task::JoinSet::new();
+    let mut publishers = JoinSet::new();
     for i in 0..workload.aggregates {
         let (bus, workload, timings) = (bus.clone(), workload.clone(), timings.clone());
         publishers.spawn(async move {
@@ -168,11 +213,7 @@ async fn publish_all(bus: &Arc<dyn EventBus>, workload: &Workload, timings: &Arc
             }
         });
     }
-    while let Some(joined) = publishers.join_next().await {
-        if joined.is_err() {
-            timings.failed();
-        }
-    }
+    timings.join(publishers).await;
 }
 
 async fn settle(timings: &PublishTimings, sent: Instant, receipt: eventbus::PublishReceipt) {

@@ -20,11 +20,11 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio_util::sync::CancellationToken;
 
-use super::bus::{workload, Baseline, PublishTimings};
+use super::bus::{collect_acks, hand_over, workload, Baseline, PublishTimings};
 use super::report::{Client, Measurement};
-use super::sampler::Sampler;
-use super::tally::{record_latency, DeliveryTally};
+use super::tally::DeliveryTally;
 use super::{aggregate_index, Level, DRAIN_DEADLINE};
+use crate::probe::Sampler;
 
 /// Longest the consumer may take to be assigned every partition.
 const ASSIGNMENT_DEADLINE: Duration = Duration::from_secs(60);
@@ -91,8 +91,8 @@ pub async fn run(bootstrap: &str, level: Level, payload: usize, config: &BusConf
 
     let sampler = Sampler::start();
     let timings = Arc::new(PublishTimings::new());
-    let (deliveries, pending) = tokio::sync::mpsc::channel::<(Instant, DeliveryFuture)>(window);
-    let collector = tokio::spawn(collect(pending, timings.clone()));
+    let (deliveries, collector) =
+        collect_acks::<DeliveryFuture>(window, timings.clone(), |delivered| matches!(delivered, Ok(Ok(_))));
     let started = Instant::now();
     let mut publishers = tokio::task::JoinSet::new();
     for i in 0..workload.aggregates {
@@ -122,23 +122,14 @@ pub async fn run(bootstrap: &str, level: Level, payload: usize, config: &BusConf
                     }
                 };
                 match delivery {
-                    Some(delivery) => {
-                        if deliveries.send((sent, delivery)).await.is_err() {
-                            timings.failed();
-                        }
-                        record_latency(&timings.enqueue, sent.elapsed());
-                    }
+                    Some(delivery) => hand_over(&deliveries, &timings, sent, delivery).await,
                     None => timings.failed(),
                 }
             }
         });
     }
     drop(deliveries);
-    while let Some(joined) = publishers.join_next().await {
-        if joined.is_err() {
-            timings.failed();
-        }
-    }
+    timings.join(publishers).await;
     let _ = collector.await;
     tally.wait_complete(DRAIN_DEADLINE).await;
     let elapsed = started.elapsed();
@@ -161,15 +152,5 @@ async fn wait_for_assignment(consumer: &StreamConsumer, partitions: usize) -> an
             anyhow::bail!("the bare consumer was not assigned {partitions} partitions within {ASSIGNMENT_DEADLINE:?}");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// The one task that settles every delivery report, in the order they were sent.
-async fn collect(mut pending: tokio::sync::mpsc::Receiver<(Instant, DeliveryFuture)>, timings: Arc<PublishTimings>) {
-    while let Some((sent, delivery)) = pending.recv().await {
-        match delivery.await {
-            Ok(Ok(_)) => record_latency(&timings.ack, sent.elapsed()),
-            _ => timings.failed(),
-        }
     }
 }

@@ -12,7 +12,6 @@ pub mod kafka_bare;
 pub mod nats_bare;
 pub mod plot;
 pub mod report;
-pub mod sampler;
 pub mod tally;
 
 use std::time::Duration;

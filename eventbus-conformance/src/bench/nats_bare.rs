@@ -16,11 +16,11 @@ use eventbus::wire;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::bus::{workload, Baseline, PublishTimings};
+use super::bus::{collect_acks, hand_over, workload, Baseline, PublishTimings};
 use super::report::{Client, Measurement};
-use super::sampler::Sampler;
-use super::tally::{record_latency, DeliveryTally};
+use super::tally::DeliveryTally;
 use super::{aggregate_index, Level, DRAIN_DEADLINE};
+use crate::probe::Sampler;
 
 /// Runs `level` on the server at `url` through the bare client.
 pub async fn run(url: &str, level: Level, payload: usize, window: usize) -> anyhow::Result<Measurement> {
@@ -74,8 +74,7 @@ pub async fn run(url: &str, level: Level, payload: usize, window: usize) -> anyh
     }
     let sampler = Sampler::start();
     let timings = Arc::new(PublishTimings::new());
-    let (acks, pending) = tokio::sync::mpsc::channel::<(Instant, PublishAckFuture)>(window);
-    let collector = tokio::spawn(collect(pending, timings.clone()));
+    let (acks, collector) = collect_acks::<PublishAckFuture>(window, timings.clone(), Result::is_ok);
     let started = Instant::now();
     let mut publishers = tokio::task::JoinSet::new();
     for i in 0..workload.aggregates {
@@ -92,23 +91,14 @@ pub async fn run(url: &str, level: Level, payload: usize, window: usize) -> anyh
                 headers.insert("Nats-Msg-Id", event.event_id.to_string().as_str());
                 let sent = Instant::now();
                 match js.publish_with_headers(subject.clone(), headers, wire.payload).await {
-                    Ok(ack) => {
-                        if acks.send((sent, ack)).await.is_err() {
-                            timings.failed();
-                        }
-                        record_latency(&timings.enqueue, sent.elapsed());
-                    }
+                    Ok(ack) => hand_over(&acks, &timings, sent, ack).await,
                     Err(_) => timings.failed(),
                 }
             }
         });
     }
     drop(acks);
-    while let Some(joined) = publishers.join_next().await {
-        if joined.is_err() {
-            timings.failed();
-        }
-    }
+    timings.join(publishers).await;
     let _ = collector.await;
     tally.wait_complete(DRAIN_DEADLINE).await;
     let elapsed = started.elapsed();
@@ -121,14 +111,4 @@ pub async fn run(url: &str, level: Level, payload: usize, window: usize) -> anyh
     let _ = client.drain().await;
     drop(client);
     Ok(baseline.measure("nats", Client::Bare, level, elapsed, sampler, &timings, &tally).await)
-}
-
-/// The one task that settles every publish ack, in the order they were sent.
-async fn collect(mut pending: tokio::sync::mpsc::Receiver<(Instant, PublishAckFuture)>, timings: Arc<PublishTimings>) {
-    while let Some((sent, ack)) = pending.recv().await {
-        match ack.await {
-            Ok(_) => record_latency(&timings.ack, sent.elapsed()),
-            Err(_) => timings.failed(),
-        }
-    }
 }

@@ -13,7 +13,7 @@ use eventbus::{EventBusExt, EventId, HandlerError, SubscribeOptions};
 use super::{quick_retry, DELIVERY_DEADLINE};
 use crate::backend::Backend;
 use crate::harness::figures;
-use crate::probe::{alive_tasks, tasks_settled, PeakTasks};
+use crate::probe::{alive_tasks, tasks_settled, Sampler};
 use crate::recorder::Recorder;
 use crate::workload::Workload;
 
@@ -74,7 +74,7 @@ async fn scenario(backend: &dyn Backend, name: &str, fail: bool, members: usize)
 
     // With the subscriptions live and nothing published, the bus owns all the tasks it will ever own here.
     let tasks_idle = alive_tasks();
-    let peak = PeakTasks::start();
+    let peak = Sampler::start();
     let started = Instant::now();
     let published = workload.publish(bus.clone()).await;
     let complete = recorder.wait_for(total, DELIVERY_DEADLINE).await;
@@ -83,7 +83,7 @@ async fn scenario(backend: &dyn Backend, name: &str, fail: bool, members: usize)
         subscription.close().await;
     }
     let report = bus.close().await;
-    let peak = peak.finish();
+    let peak = peak.finish().tasks;
     drop((bus, connection));
     let tasks_after = tasks_settled(tasks_before).await;
 
