@@ -63,6 +63,8 @@ impl Kafka {
                     "memory://tansu/",
                 ]),
                 env: Vec::new(),
+                // In-memory storage: nothing to keep on a volume.
+                volumes: Vec::new(),
                 ready: Ready::Stdout("ready in".to_owned()),
             }
         } else {
@@ -85,6 +87,7 @@ impl Kafka {
                 port: 9092,
                 args: Vec::new(),
                 env: env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+                volumes: Vec::new(),
                 ready: Ready::Stdout("Kafka Server started".to_owned()),
             }
         }

@@ -44,6 +44,7 @@ impl Nats {
             port: 4222,
             args,
             env: Vec::new(),
+            volumes: vec!["/data".to_owned()],
             ready: Ready::Stderr("Server is ready".to_owned()),
         }
     }
