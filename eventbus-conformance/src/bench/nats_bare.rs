@@ -1,9 +1,12 @@
 //! A level run through async-nats JetStream directly: what a careful hand-rolled client does, with nothing
 //! of the bus in between.
 //!
-//! One file-storage stream per topic, one durable pull consumer per stream (explicit acks, the server's
-//! default of 1000 unacked messages), one consuming task per stream that decodes, records and acks each
-//! message. Publishers send with the same headers as the bus (`Nats-Msg-Id` included, for the server's
+//! One file-storage stream per topic. With [`Layout::PerTopic`], one durable pull consumer per stream
+//! (explicit acks, the server's default of 1000 unacked messages): the broker's own pace. With
+//! [`Layout::PerPartition`], the bus's consumer layout without the bus: events go to one subject per partition,
+//! and each partition has its own filtered durable consumer allowed one unacked message, which is what keeps
+//! an aggregate's order across the members of a group on NATS 2.9. Either way one consuming task per consumer
+//! decodes, records and acks each message. Publishers send with the same headers as the bus (`Nats-Msg-Id` included, for the server's
 //! de-duplication) and hand each ack future to one collector task, which settles them in order; the
 //! collector's queue holds as many acks as the bus's publish window.
 
@@ -22,12 +25,46 @@ use super::tally::DeliveryTally;
 use super::{aggregate_index, Level, DRAIN_DEADLINE};
 use crate::probe::Sampler;
 
-/// Runs `level` on the server at `url` through the bare client.
-pub async fn run(url: &str, level: Level, payload: usize, window: usize) -> anyhow::Result<Measurement> {
+/// How the bare run lays out its consumers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// One consumer per topic, with the server's default of 1000 unacked messages.
+    PerTopic,
+    /// This many partitions per topic, each with its own consumer allowed one unacked message, as the bus.
+    PerPartition(u16),
+}
+
+impl Layout {
+    /// The report's name for a run with this layout.
+    pub fn client(self) -> Client {
+        match self {
+            Layout::PerTopic => Client::Bare,
+            Layout::PerPartition(_) => Client::BareOrdered,
+        }
+    }
+}
+
+/// Runs `level` on the server at `url` through the bare client, with its consumers laid out as `layout` says.
+pub async fn run(
+    url: &str,
+    level: Level,
+    payload: usize,
+    window: usize,
+    layout: Layout,
+) -> anyhow::Result<Measurement> {
     let baseline = Baseline::take();
     let client = async_nats::connect(url).await?;
     let js = jetstream::new(client.clone());
-    let workload = workload(Client::Bare, level, payload);
+    let workload = workload(layout.client(), level, payload);
+    // Subject of each partition of a topic; a single one, the topic itself, without partitions.
+    let partitions = match layout {
+        Layout::PerTopic => None,
+        Layout::PerPartition(count) => Some(usize::from(count.max(1))),
+    };
+    let subject = move |topic: &str, partition: usize| match partitions {
+        None => topic.to_owned(),
+        Some(_) => format!("{topic}.{partition}"),
+    };
     let tally = Arc::new(DeliveryTally::new(level.aggregates, level.versions()));
     let stop = CancellationToken::new();
     let mut streams = Vec::new();
@@ -37,40 +74,49 @@ pub async fn run(url: &str, level: Level, payload: usize, window: usize) -> anyh
         let created = js
             .create_stream(stream::Config {
                 name: name.clone(),
-                subjects: vec![topic.clone()],
+                subjects: vec![partitions.map_or_else(|| topic.clone(), |_| format!("{topic}.*"))],
                 storage: stream::StorageType::File,
                 ..Default::default()
             })
             .await?;
         streams.push(name);
-        let consumer = created
-            .create_consumer(consumer::pull::Config {
-                durable_name: Some("bench".into()),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ..Default::default()
-            })
-            .await?;
-        let mut messages = consumer.messages().await?;
-        let (tally, stop) = (tally.clone(), stop.clone());
-        consumers.spawn(async move {
-            loop {
-                let message = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    message = messages.next() => message,
-                };
-                let Some(Ok(message)) = message else { continue };
-                let headers = message.headers.iter().flat_map(|h| h.iter()).flat_map(|(name, values)| {
-                    values.iter().map(move |value| (name.as_ref(), value.as_str().as_bytes()))
-                });
-                match wire::decode(headers, message.payload.clone()) {
-                    Ok(event) => {
-                        tally.record(aggregate_index(&event.aggregate_id), event.event_version, event.timestamp)
+        for partition in 0..partitions.unwrap_or(1) {
+            let config = match partitions {
+                None => consumer::pull::Config {
+                    durable_name: Some("bench".into()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ..Default::default()
+                },
+                Some(_) => consumer::pull::Config {
+                    durable_name: Some(format!("bench-{partition}")),
+                    filter_subject: subject(topic, partition),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    max_ack_pending: 1,
+                    ..Default::default()
+                },
+            };
+            let mut messages = created.create_consumer(config).await?.messages().await?;
+            let (tally, stop) = (tally.clone(), stop.clone());
+            consumers.spawn(async move {
+                loop {
+                    let message = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        message = messages.next() => message,
+                    };
+                    let Some(Ok(message)) = message else { continue };
+                    let headers = message.headers.iter().flat_map(|h| h.iter()).flat_map(|(name, values)| {
+                        values.iter().map(move |value| (name.as_ref(), value.as_str().as_bytes()))
+                    });
+                    match wire::decode(headers, message.payload.clone()) {
+                        Ok(event) => {
+                            tally.record(aggregate_index(&event.aggregate_id), event.event_version, event.timestamp)
+                        }
+                        Err(_) => tally.record(None, 0, std::time::SystemTime::now()),
                     }
-                    Err(_) => tally.record(None, 0, std::time::SystemTime::now()),
+                    let _ = message.ack().await;
                 }
-                let _ = message.ack().await;
-            }
-        });
+            });
+        }
     }
     let sampler = Sampler::start();
     let timings = Arc::new(PublishTimings::new());
@@ -80,7 +126,8 @@ pub async fn run(url: &str, level: Level, payload: usize, window: usize) -> anyh
     for i in 0..workload.aggregates {
         let (js, workload, timings, acks) = (js.clone(), workload.clone(), timings.clone(), acks.clone());
         publishers.spawn(async move {
-            let subject = workload.topic_of(i).to_owned();
+            // Aggregates spread evenly over the partitions, as the bus's hash spreads them.
+            let subject = subject(workload.topic_of(i), i / workload.topics.len() % partitions.unwrap_or(1));
             for version in 1..=workload.versions {
                 let event = workload.event(i, version);
                 let wire = wire::encode(&event);
@@ -110,5 +157,5 @@ pub async fn run(url: &str, level: Level, payload: usize, window: usize) -> anyh
     drop(js);
     let _ = client.drain().await;
     drop(client);
-    Ok(baseline.measure("nats", Client::Bare, level, elapsed, sampler, &timings, &tally).await)
+    Ok(baseline.measure("nats", layout.client(), level, elapsed, sampler, &timings, &tally).await)
 }

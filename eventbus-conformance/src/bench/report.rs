@@ -12,6 +12,10 @@ pub enum Client {
     Bus,
     /// The broker's own client, used directly.
     Bare,
+    /// The broker's own client with the bus's consumer layout (NATS: a consumer per partition allowed one
+    /// unacked message): what the broker does under the constraint the bus's ordering puts on it.
+    #[serde(rename = "bare-ordered")]
+    BareOrdered,
 }
 
 impl std::fmt::Display for Client {
@@ -19,6 +23,7 @@ impl std::fmt::Display for Client {
         f.write_str(match self {
             Client::Bus => "bus",
             Client::Bare => "bare",
+            Client::BareOrdered => "bare-ordered",
         })
     }
 }
@@ -64,6 +69,10 @@ pub struct Measurement {
     pub throughput_ratio: Option<f64>,
     /// Bus publish p99 ÷ bare publish p99 at the same level, on bus rows when `--raw` ran.
     pub publish_p99_ratio: Option<f64>,
+    /// Bus throughput ÷ the throughput of the bare client with the bus's consumer layout, on bus rows when
+    /// that ran.
+    #[serde(default)]
+    pub ordered_throughput_ratio: Option<f64>,
 }
 
 /// [`Counts`], serializable.
@@ -117,6 +126,10 @@ impl Measurement {
 
     /// Sets the ratios of this (bus) run to `bare`.
     pub fn compare_to(&mut self, bare: &Measurement) {
+        if bare.client == Client::BareOrdered {
+            self.ordered_throughput_ratio = (bare.throughput > 0.0).then(|| self.throughput / bare.throughput);
+            return;
+        }
         if bare.throughput > 0.0 {
             self.throughput_ratio = Some(self.throughput / bare.throughput);
         }
@@ -127,7 +140,7 @@ impl Measurement {
 
     /// The table's header lines.
     pub fn table_header() -> &'static str {
-        "| backend | client | level | messages | msg/s | bus÷bare msg/s | publish p50/p99/max µs | bus÷bare publish p99 \
+        "| backend | client | level | messages | msg/s | bus÷bare msg/s (÷bare-ordered) | publish p50/p99/max µs | bus÷bare publish p99 \
          | ack p50/p99 ms | e2e p50/p99 ms | peak tasks (publishers + other) | RSS Δ MB | violations/losses/duplicates \
          | tasks/fds left |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     }
@@ -135,6 +148,10 @@ impl Measurement {
     /// This run as a table row.
     pub fn table_row(&self) -> String {
         let ratio = |r: Option<f64>| r.map_or("—".to_owned(), |r| format!("{r:.2}"));
+        let throughput_ratio = match self.ordered_throughput_ratio {
+            Some(ordered) => format!("{} ({ordered:.2})", ratio(self.throughput_ratio)),
+            None => ratio(self.throughput_ratio),
+        };
         let ms = |us: u64| us as f64 / 1000.0;
         format!(
             "| {} | {} | {} | {} | {:.0} | {} | {}/{}/{} | {} | {:.2}/{:.2} | {:.2}/{:.2} | {} ({} + {}) | {:.1} | {}/{}/{} | {}/{} |",
@@ -143,7 +160,7 @@ impl Measurement {
             self.level,
             self.messages,
             self.throughput,
-            ratio(self.throughput_ratio),
+            throughput_ratio,
             self.publish_us.p50,
             self.publish_us.p99,
             self.publish_us.max,

@@ -1,5 +1,7 @@
 //! `eventbus-bench`: the seed's workload levels, measured end to end through the bus and, with `--raw`,
-//! through the bare broker client on the same broker in the same invocation.
+//! through the bare broker client on the same broker in the same invocation (for NATS twice: with one consumer
+//! per topic, the broker's own pace, and as `bare-ordered` with the bus's consumer per partition allowed one
+//! unacked message, the broker's pace under the bus's ordering).
 //!
 //! ```text
 //! eventbus-bench --backend memory --level all
@@ -21,6 +23,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use eventbus::BusConfig;
+use eventbus_conformance::bench::nats_bare::Layout;
 use eventbus_conformance::bench::report::Measurement;
 use eventbus_conformance::bench::{bus, kafka_bare, nats_bare, plot, Level, LEVELS};
 use eventbus_conformance::kafka::Kafka;
@@ -240,15 +243,22 @@ async fn run_backend(
     for level in &options.levels {
         let mut runs = vec![bus::run(&config, backend, *level, options.payload).await?];
         if options.raw {
+            let window = config.publish.window;
             let bare = match backend {
-                "nats" => Some(nats_bare::run(url, *level, options.payload, config.publish.window).await?),
+                // Kafka's bare consumer already reads the same partitions the bus does; NATS also runs with the
+                // bus's consumer layout, to show the broker's pace under the bus's ordering.
+                "nats" => vec![
+                    nats_bare::run(url, *level, options.payload, window, Layout::PerTopic).await?,
+                    nats_bare::run(url, *level, options.payload, window, Layout::PerPartition(config.nats.partitions))
+                        .await?,
+                ],
                 "kafka" => {
                     let bootstrap = url.trim_start_matches("kafka://");
-                    Some(kafka_bare::run(bootstrap, *level, options.payload, &config).await?)
+                    vec![kafka_bare::run(bootstrap, *level, options.payload, &config).await?]
                 }
-                _ => None,
+                _ => Vec::new(),
             };
-            if let Some(bare) = bare {
+            for bare in bare {
                 runs[0].compare_to(&bare);
                 runs.push(bare);
             }
