@@ -31,6 +31,12 @@ impl Provisioner {
         if let Some(known) = self.topics.read().unwrap_or_else(|p| p.into_inner()).get(topic) {
             return Ok(known.clone());
         }
+        // Boxed: the admin requests make a large future, and inline it would enlarge every publish future, of
+        // which thousands may wait for window room at once.
+        Box::pin(self.provision(topic)).await
+    }
+
+    async fn provision(&self, topic: &str) -> Result<Arc<str>> {
         match self.config.provisioning {
             Provisioning::ValidateOnly => self.validate(topic).await?,
             Provisioning::CreateOrUpdate => {

@@ -43,6 +43,12 @@ impl Provisioner {
         if let Some(known) = self.topics.read().unwrap_or_else(|p| p.into_inner()).get(topic) {
             return Ok(known.clone());
         }
+        // Boxed: the stream requests make a large future, and inline it would enlarge every publish future, of
+        // which thousands may wait for window room at once.
+        Box::pin(self.provision_topic(topic)).await
+    }
+
+    async fn provision_topic(&self, topic: &str) -> Result<Arc<Topic>> {
         self.ensure_stream(topic).await?;
         let known = Arc::new(Topic {
             name: Arc::from(topic),
