@@ -53,7 +53,8 @@ pub fn write_svg(measurements: &[Measurement], path: &Path) -> anyhow::Result<()
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(80)
-        .build_cartesian_2d(0f64..levels.len() as f64, ((lowest / 2.0).max(1.0)..highest * 2.0).log_scale())?;
+        // A decade of headroom above the highest bar keeps the legend (upper left) clear of the bars.
+        .build_cartesian_2d(0f64..levels.len() as f64, ((lowest / 2.0).max(1.0)..highest * 10.0).log_scale())?;
     chart
         .configure_mesh()
         .disable_x_mesh()
