@@ -1,6 +1,7 @@
 //! leak: 50 cycles of connect → subscribe → publish 1000 → close bring alive tokio tasks, open file
-//! descriptors and OS threads back exactly to the baseline taken before the first bus, measured after close;
-//! a bus dropped without close leaves no task behind within a second.
+//! descriptors and OS threads back to (never beyond) the baseline taken before the first bus, measured after
+//! close; a bus dropped without close leaves no task behind within a second; a publish in progress stays
+//! small, because thousands of publishers may each hold one while they wait for window room.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +18,8 @@ use crate::workload::{record_into, Workload};
 
 const SUITE: &str = "leak";
 const CYCLES: usize = 50;
+/// Most a publish in progress may occupy: 10,000 publishers waiting for window room then hold at most 40 MiB.
+const MAX_PUBLISH_FUTURE_BYTES: usize = 4096;
 
 /// Runs both scenarios.
 pub async fn run(backend: &dyn Backend) -> anyhow::Result<()> {
@@ -25,6 +28,7 @@ pub async fn run(backend: &dyn Backend) -> anyhow::Result<()> {
     let baseline = resources();
     cycles(backend, baseline).await?;
     drop_without_close(backend, baseline).await?;
+    waiting_publish_size(backend).await?;
     Ok(())
 }
 
@@ -61,8 +65,8 @@ async fn cycles(backend: &dyn Backend, baseline: Resources) -> anyhow::Result<()
             started.elapsed().as_secs_f64()
         ),
     );
-    ensure!(tasks_right_after_close == baseline.tasks, "close returned with {tasks_right_after_close} tasks alive");
-    ensure!(after == baseline, "after 50 cycles: [{after}], baseline: [{baseline}]");
+    ensure!(tasks_right_after_close <= baseline.tasks, "close returned with {tasks_right_after_close} tasks alive");
+    ensure!(after.within(baseline), "after 50 cycles: [{after}], baseline: [{baseline}]");
     Ok(())
 }
 
@@ -89,7 +93,29 @@ async fn drop_without_close(backend: &dyn Backend, baseline: Resources) -> anyho
             recorder.distinct()
         ),
     );
-    ensure!(after.tasks == baseline.tasks, "{} tasks alive 1 s after drop, baseline {}", after.tasks, baseline.tasks);
-    ensure!(after == baseline, "after drop: [{after}], baseline: [{baseline}]");
+    ensure!(after.tasks <= baseline.tasks, "{} tasks alive 1 s after drop, baseline {}", after.tasks, baseline.tasks);
+    ensure!(after.within(baseline), "after drop: [{after}], baseline: [{baseline}]");
+    Ok(())
+}
+
+async fn waiting_publish_size(backend: &dyn Backend) -> anyhow::Result<()> {
+    let connection = backend.connect(backend.config()).await?;
+    let workload = Workload::new("leak-publish-size", 1, 1, 1);
+    // Never polled, so nothing is sent: only the size of the future is of interest.
+    let publish = connection.bus.publish(&workload.topics[0], workload.event(0, 1));
+    let bytes = std::mem::size_of_val(&*publish);
+    drop(publish);
+    connection.bus.close().await;
+    figures(
+        backend,
+        SUITE,
+        "waiting-publish-size",
+        format_args!("publish_future_bytes={bytes} limit={MAX_PUBLISH_FUTURE_BYTES}"),
+    );
+    ensure!(
+        bytes <= MAX_PUBLISH_FUTURE_BYTES,
+        "a publish in progress takes {bytes} bytes; 10,000 waiting publishers would hold {} MiB",
+        bytes * 10_000 / (1 << 20)
+    );
     Ok(())
 }
