@@ -3,12 +3,12 @@
 //!
 //! One file-storage stream per topic. With [`Layout::PerTopic`], one durable pull consumer per stream
 //! (explicit acks, the server's default of 1000 unacked messages): the broker's own pace. With
-//! [`Layout::PerPartition`], the bus's consumer layout without the bus: events go to one subject per partition,
-//! and each partition has its own filtered durable consumer allowed one unacked message, which is what keeps
-//! an aggregate's order across the members of a group on NATS 2.9. Either way one consuming task per consumer
-//! decodes, records and acks each message. Publishers send with the same headers as the bus (`Nats-Msg-Id` included, for the server's
-//! de-duplication) and hand each ack future to one collector task, which settles them in order; the
-//! collector's queue holds as many acks as the bus's publish window.
+//! [`Layout::PerPartition`], the bus's consumer layout without the bus: events go to one subject per
+//! partition, and each partition has its own filtered durable consumer allowed one unacked message, which is
+//! what keeps an aggregate's order across the members of a group on NATS 2.9. Either way one consuming task
+//! per consumer decodes, records and acks each message. Publishers send with the same headers as the bus
+//! (`Nats-Msg-Id` included, for the server's de-duplication) and hand each ack future to one collector task,
+//! which settles them in order; the collector's queue holds as many acks as the bus's publish window.
 
 use std::sync::Arc;
 use std::time::Instant;
