@@ -13,7 +13,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::report::{Client, Measurement};
 use super::tally::{latency_histogram, record_latency, DeliveryTally, Percentiles};
-use super::{aggregate_index, Level, DRAIN_DEADLINE, PUBLISHER_PIPELINE, TOPICS};
+use super::{Level, DRAIN_DEADLINE, PUBLISHER_PIPELINE, TOPICS};
 use crate::probe::{resources, rss_kib, tasks_settled, Sampler};
 use crate::workload::Workload;
 
@@ -78,6 +78,19 @@ where
         }
     });
     (acks, collector)
+}
+
+/// Waits for every bare publisher task, then for the collector to settle every ack they handed over; `acks`
+/// is the run's own sender, dropped first so the collector ends with the last publisher.
+pub(crate) async fn join_publishers<F>(
+    timings: &PublishTimings,
+    publishers: JoinSet<()>,
+    acks: mpsc::Sender<(Instant, F)>,
+    collector: JoinHandle<()>,
+) {
+    drop(acks);
+    timings.join(publishers).await;
+    let _ = collector.await;
 }
 
 /// Hands the ack future of a publish sent at `sent` to the collector; the wait for room in its queue counts in
@@ -164,7 +177,7 @@ pub async fn run(config: &BusConfig, backend: &str, level: Level, payload: usize
         // subscribe returns once the consumer is live on the broker: no sleep needed before publishing.
         let subscription = bus
             .subscribe_with(topic, SubscribeOptions::group("bench"), move |event| {
-                tally.record(aggregate_index(&event.aggregate_id), event.event_version, event.timestamp);
+                tally.record_event(&event);
                 std::future::ready(Ok::<(), HandlerError>(()))
             })
             .await?;

@@ -20,10 +20,10 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio_util::sync::CancellationToken;
 
-use super::bus::{collect_acks, hand_over, workload, Baseline, PublishTimings};
+use super::bus::{collect_acks, hand_over, join_publishers, workload, Baseline, PublishTimings};
 use super::report::{Client, Measurement};
 use super::tally::DeliveryTally;
-use super::{aggregate_index, Level, DRAIN_DEADLINE};
+use super::{Level, DRAIN_DEADLINE};
 use crate::probe::Sampler;
 
 /// Longest the consumer may take to be assigned every partition.
@@ -90,12 +90,7 @@ pub async fn run(bootstrap: &str, level: Level, payload: usize, config: &BusConf
                 let headers =
                     message.headers().into_iter().flat_map(|h| h.iter()).map(|h| (h.key, h.value.unwrap_or_default()));
                 let payload = bytes::Bytes::copy_from_slice(message.payload().unwrap_or_default());
-                match wire::decode(headers, payload) {
-                    Ok(event) => {
-                        tally.record(aggregate_index(&event.aggregate_id), event.event_version, event.timestamp)
-                    }
-                    Err(_) => tally.record(None, 0, std::time::SystemTime::now()),
-                }
+                tally.record_decoded(wire::decode(headers, payload));
             }
         })
     };
@@ -140,9 +135,7 @@ pub async fn run(bootstrap: &str, level: Level, payload: usize, config: &BusConf
             }
         });
     }
-    drop(deliveries);
-    timings.join(publishers).await;
-    let _ = collector.await;
+    join_publishers(&timings, publishers, deliveries, collector).await;
     tally.wait_complete(DRAIN_DEADLINE).await;
     let elapsed = started.elapsed();
     stop.cancel();

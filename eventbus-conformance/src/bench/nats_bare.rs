@@ -19,10 +19,10 @@ use eventbus::wire;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::bus::{collect_acks, hand_over, workload, Baseline, PublishTimings};
+use super::bus::{collect_acks, hand_over, join_publishers, workload, Baseline, PublishTimings};
 use super::report::{Client, Measurement};
 use super::tally::DeliveryTally;
-use super::{aggregate_index, Level, DRAIN_DEADLINE};
+use super::{Level, DRAIN_DEADLINE};
 use crate::probe::Sampler;
 
 /// How the bare run lays out its consumers.
@@ -107,12 +107,7 @@ pub async fn run(
                     let headers = message.headers.iter().flat_map(|h| h.iter()).flat_map(|(name, values)| {
                         values.iter().map(move |value| (name.as_ref(), value.as_str().as_bytes()))
                     });
-                    match wire::decode(headers, message.payload.clone()) {
-                        Ok(event) => {
-                            tally.record(aggregate_index(&event.aggregate_id), event.event_version, event.timestamp)
-                        }
-                        Err(_) => tally.record(None, 0, std::time::SystemTime::now()),
-                    }
+                    tally.record_decoded(wire::decode(headers, message.payload.clone()));
                     let _ = message.ack().await;
                 }
             });
@@ -144,9 +139,7 @@ pub async fn run(
             }
         });
     }
-    drop(acks);
-    timings.join(publishers).await;
-    let _ = collector.await;
+    join_publishers(&timings, publishers, acks, collector).await;
     tally.wait_complete(DRAIN_DEADLINE).await;
     let elapsed = started.elapsed();
     stop.cancel();

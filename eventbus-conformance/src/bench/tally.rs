@@ -5,8 +5,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
+use eventbus::Envelope;
 use hdrhistogram::Histogram;
 use tokio::sync::Notify;
+
+use super::aggregate_index;
 
 /// Per-aggregate delivery checks for a workload of `aggregates` × `versions` events.
 ///
@@ -62,6 +65,19 @@ impl DeliveryTally {
             expected: aggregates * versions as usize,
             complete: Notify::new(),
             end_to_end: Mutex::new(latency_histogram()),
+        }
+    }
+
+    /// Records a delivered event of the workload.
+    pub fn record_event(&self, event: &Envelope) {
+        self.record(aggregate_index(&event.aggregate_id), event.event_version, event.timestamp);
+    }
+
+    /// Records what a bare consumer decoded; a message that did not decode counts as an unknown delivery.
+    pub fn record_decoded<E>(&self, decoded: Result<Envelope, E>) {
+        match decoded {
+            Ok(event) => self.record_event(&event),
+            Err(_) => self.record(None, 0, SystemTime::now()),
         }
     }
 
