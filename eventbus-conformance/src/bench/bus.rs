@@ -1,19 +1,18 @@
 //! A level run through the `EventBus`.
 
-use std::collections::VecDeque;
-use std::future::IntoFuture;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use eventbus::{BusConfig, EventBus, EventBusExt, HandlerError, SubscribeOptions};
+use eventbus::{BusConfig, EventBus, EventBusExt, HandlerError, PublishReceipt, SubscribeOptions};
 use hdrhistogram::Histogram;
-use tokio::sync::mpsc;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 
+use super::acks;
 use super::report::{Client, Measurement};
-use super::tally::{latency_histogram, record_latency, DeliveryTally, Percentiles};
-use super::{Level, DRAIN_DEADLINE, PUBLISHER_PIPELINE, TOPICS};
+use super::tally::{latency_histogram, DeliveryTally, Percentiles};
+use super::{Level, DRAIN_DEADLINE, TOPICS};
 use crate::probe::{resources, rss_kib, tasks_settled, Sampler};
 use crate::workload::Workload;
 
@@ -55,51 +54,32 @@ impl PublishTimings {
     }
 }
 
-/// Where bare publishers hand their acks (futures, or what turns into one): one task settles them in the order they were sent, at most
-/// `window` waiting. `acked` tells a stored message from a failed one. Dropping every sender ends the task.
-pub(crate) fn collect_acks<F>(
-    window: usize,
-    timings: Arc<PublishTimings>,
-    acked: fn(&F::Output) -> bool,
-) -> (mpsc::Sender<(Instant, F)>, JoinHandle<()>)
-where
-    F: IntoFuture + Send + 'static,
-    F::IntoFuture: Send,
-    F::Output: Send,
-{
-    let (acks, mut pending) = mpsc::channel::<(Instant, F)>(window);
-    let collector = tokio::spawn(async move {
-        while let Some((sent, ack)) = pending.recv().await {
-            if acked(&ack.into_future().await) {
-                record_latency(&timings.ack, sent.elapsed());
-            } else {
-                timings.failed();
-            }
-        }
-    });
-    (acks, collector)
+/// Holds every publisher task of a run until all are spawned. Without it the first publishers of `scale` fill
+/// the window and finish before the last one starts, so the peak task count would not hold every publisher;
+/// and the clock starts at the first publish, not before the spawning.
+pub(crate) struct StartGate {
+    open: watch::Sender<bool>,
 }
 
-/// Waits for every bare publisher task, then for the collector to settle every ack they handed over; `acks`
-/// is the run's own sender, dropped first so the collector ends with the last publisher.
-pub(crate) async fn join_publishers<F>(
-    timings: &PublishTimings,
-    publishers: JoinSet<()>,
-    acks: mpsc::Sender<(Instant, F)>,
-    collector: JoinHandle<()>,
-) {
-    drop(acks);
-    timings.join(publishers).await;
-    let _ = collector.await;
-}
-
-/// Hands the ack future of a publish sent at `sent` to the collector; the wait for room in its queue counts in
-/// the publish latency, as the wait for window room does on the bus.
-pub(crate) async fn hand_over<F>(acks: &mpsc::Sender<(Instant, F)>, timings: &PublishTimings, sent: Instant, ack: F) {
-    if acks.send((sent, ack)).await.is_err() {
-        timings.failed();
+impl StartGate {
+    pub(crate) fn new() -> Self {
+        Self { open: watch::Sender::new(false) }
     }
-    record_latency(&timings.enqueue, sent.elapsed());
+
+    /// What a publisher task awaits before its first publish.
+    pub(crate) fn waiter(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut gate = self.open.subscribe();
+        async move {
+            let _ = gate.wait_for(|open| *open).await;
+        }
+    }
+
+    /// Lets every publisher go; returns the start of the clock.
+    pub(crate) fn open(self) -> Instant {
+        let started = Instant::now();
+        self.open.send_replace(true);
+        started
+    }
 }
 
 /// What every run measures around its client: the state before, the sampler during.
@@ -185,8 +165,7 @@ pub async fn run(config: &BusConfig, backend: &str, level: Level, payload: usize
     }
     let sampler = Sampler::start();
     let timings = Arc::new(PublishTimings::new());
-    let started = Instant::now();
-    publish_all(&bus, &workload, &timings).await;
+    let started = publish_all(&bus, &workload, &timings).await;
     tally.wait_complete(DRAIN_DEADLINE).await;
     let elapsed = started.elapsed();
     for subscription in subscriptions {
@@ -197,42 +176,32 @@ pub async fn run(config: &BusConfig, backend: &str, level: Level, payload: usize
     Ok(baseline.measure(backend, Client::Bus, level, elapsed, sampler, &timings, &tally).await)
 }
 
-/// One task per aggregate publishes its versions in order, with at most [`PUBLISHER_PIPELINE`] receipts
-/// outstanding.
-async fn publish_all(bus: &Arc<dyn EventBus>, workload: &Workload, timings: &Arc<PublishTimings>) {
+/// One task per aggregate publishes its versions in order and hands each receipt to one collector task, as
+/// the bare runs hand their ack futures: the ack latency is taken when the ack settles, not when a publisher
+/// gets round to awaiting it, and the publishers hold no receipts. Returns when the clock started.
+async fn publish_all(bus: &Arc<dyn EventBus>, workload: &Workload, timings: &Arc<PublishTimings>) -> Instant {
+    // The bus's window bounds the receipts in flight.
+    let (receipts, collector) = acks::collect::<PublishReceipt>(None, timings.clone(), Result::is_ok);
+    let gate = StartGate::new();
     let mut publishers = JoinSet::new();
     for i in 0..workload.aggregates {
-        let (bus, workload, timings) = (bus.clone(), workload.clone(), timings.clone());
+        let (bus, workload, timings, receipts) = (bus.clone(), workload.clone(), timings.clone(), receipts.clone());
+        let start = gate.waiter();
         publishers.spawn(async move {
+            start.await;
             let topic = workload.topic_of(i);
-            let mut pending = VecDeque::with_capacity(PUBLISHER_PIPELINE);
             for version in 1..=workload.versions {
-                if pending.len() == PUBLISHER_PIPELINE {
-                    if let Some((sent, receipt)) = pending.pop_front() {
-                        settle(&timings, sent, receipt).await;
-                    }
-                }
                 let event = workload.event(i, version);
                 let sent = Instant::now();
+                let slot = receipts.reserve().await;
                 match bus.publish(topic, event).await {
-                    Ok(receipt) => {
-                        record_latency(&timings.enqueue, sent.elapsed());
-                        pending.push_back((sent, receipt));
-                    }
+                    Ok(receipt) => receipts.hand_over(&timings, slot, sent, receipt),
                     Err(_) => timings.failed(),
                 }
             }
-            for (sent, receipt) in pending {
-                settle(&timings, sent, receipt).await;
-            }
         });
     }
-    timings.join(publishers).await;
-}
-
-async fn settle(timings: &PublishTimings, sent: Instant, receipt: eventbus::PublishReceipt) {
-    match receipt.await {
-        Ok(_) => record_latency(&timings.ack, sent.elapsed()),
-        Err(_) => timings.failed(),
-    }
+    let started = gate.open();
+    acks::join_publishers(timings, publishers, receipts, collector).await;
+    started
 }

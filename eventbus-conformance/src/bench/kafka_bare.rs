@@ -5,7 +5,7 @@
 //! `linger.ms` and `fetch.wait.max.ms`; everything else is librdkafka's default. One consumer (auto-commit, reading
 //! from the earliest offset) takes every topic; the clock starts once it has been assigned all partitions.
 //! Publishers send with the same headers as the bus, keyed by aggregate, and hand each delivery future to one
-//! collector task, whose queue holds as many as the bus's publish window.
+//! collector task ([`super::acks`]); at most the bus's publish window of them are in flight.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +20,8 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio_util::sync::CancellationToken;
 
-use super::bus::{collect_acks, hand_over, join_publishers, workload, Baseline, PublishTimings};
+use super::acks;
+use super::bus::{workload, Baseline, PublishTimings, StartGate};
 use super::report::{Client, Measurement};
 use super::tally::DeliveryTally;
 use super::{Level, DRAIN_DEADLINE};
@@ -99,13 +100,15 @@ pub async fn run(bootstrap: &str, level: Level, payload: usize, config: &BusConf
     let sampler = Sampler::start();
     let timings = Arc::new(PublishTimings::new());
     let (deliveries, collector) =
-        collect_acks::<DeliveryFuture>(window, timings.clone(), |delivered| matches!(delivered, Ok(Ok(_))));
-    let started = Instant::now();
+        acks::collect::<DeliveryFuture>(Some(window), timings.clone(), |delivered| matches!(delivered, Ok(Ok(_))));
+    let gate = StartGate::new();
     let mut publishers = tokio::task::JoinSet::new();
     for i in 0..workload.aggregates {
         let (producer, workload, timings, deliveries) =
             (producer.clone(), workload.clone(), timings.clone(), deliveries.clone());
+        let start = gate.waiter();
         publishers.spawn(async move {
+            start.await;
             let topic = workload.topic_of(i);
             for version in 1..=workload.versions {
                 let event = workload.event(i, version);
@@ -115,6 +118,7 @@ pub async fn run(bootstrap: &str, level: Level, payload: usize, config: &BusConf
                         h.insert(Header { key: k, value: Some(v.as_bytes()) })
                     });
                 let sent = Instant::now();
+                let slot = deliveries.reserve().await;
                 let delivery = loop {
                     let record = FutureRecord::<str, [u8]>::to(topic)
                         .key(&event.aggregate_id)
@@ -129,13 +133,14 @@ pub async fn run(bootstrap: &str, level: Level, payload: usize, config: &BusConf
                     }
                 };
                 match delivery {
-                    Some(delivery) => hand_over(&deliveries, &timings, sent, delivery).await,
+                    Some(delivery) => deliveries.hand_over(&timings, slot, sent, delivery),
                     None => timings.failed(),
                 }
             }
         });
     }
-    join_publishers(&timings, publishers, deliveries, collector).await;
+    let started = gate.open();
+    acks::join_publishers(&timings, publishers, deliveries, collector).await;
     tally.wait_complete(DRAIN_DEADLINE).await;
     let elapsed = started.elapsed();
     stop.cancel();

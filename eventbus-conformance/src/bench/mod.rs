@@ -3,10 +3,12 @@
 //!
 //! A run ([`bus::run`], [`nats_bare::run`], [`kafka_bare::run`]) starts its consumers, waits until they
 //! report they are live, then starts the clock at the first publish and stops it at the last event consumed:
-//! no fixed sleeps. One publisher task per aggregate sends its versions in order, keeping at most
-//! [`PUBLISHER_PIPELINE`] acks outstanding. Every delivery goes through a [`tally::DeliveryTally`], which
-//! finds order violations, losses and duplicates.
+//! no fixed sleeps. One publisher task per aggregate sends its versions in order and hands each ack (a
+//! receipt, or the bare client's ack future) to one collector task ([`acks`]), which takes its latency when it
+//! completes; at most the publish window's worth are in flight in every run. Every delivery goes through a [`tally::DeliveryTally`],
+//! which finds order violations, losses and duplicates.
 
+mod acks;
 pub mod bus;
 pub mod kafka_bare;
 pub mod nats_bare;
@@ -15,10 +17,6 @@ pub mod report;
 pub mod tally;
 
 use std::time::Duration;
-
-/// Acks a publisher task may wait for at once; the oldest is awaited before the next publish beyond it.
-/// Bounds the receipts the benchmark itself holds (10,000 publishers at `scale`).
-pub const PUBLISHER_PIPELINE: usize = 8;
 
 /// Longest a run waits for its last event once publishing is done.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(600);

@@ -7,8 +7,8 @@
 //! partition, and each partition has its own filtered durable consumer allowed one unacked message, which is
 //! what keeps an aggregate's order across the members of a group on NATS 2.9. Either way one consuming task
 //! per consumer decodes, records and acks each message. Publishers send with the same headers as the bus
-//! (`Nats-Msg-Id` included, for the server's de-duplication) and hand each ack future to one collector task,
-//! which settles them in order; the collector's queue holds as many acks as the bus's publish window.
+//! (`Nats-Msg-Id` included, for the server's de-duplication) and hand each ack future to one collector task
+//! ([`super::acks`]); at most the bus's publish window of them are in flight.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,7 +19,8 @@ use eventbus::wire;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::bus::{collect_acks, hand_over, join_publishers, workload, Baseline, PublishTimings};
+use super::acks;
+use super::bus::{workload, Baseline, PublishTimings, StartGate};
 use super::report::{Client, Measurement};
 use super::tally::DeliveryTally;
 use super::{Level, DRAIN_DEADLINE};
@@ -115,12 +116,14 @@ pub async fn run(
     }
     let sampler = Sampler::start();
     let timings = Arc::new(PublishTimings::new());
-    let (acks, collector) = collect_acks::<PublishAckFuture>(window, timings.clone(), Result::is_ok);
-    let started = Instant::now();
+    let (pending, collector) = acks::collect::<PublishAckFuture>(Some(window), timings.clone(), Result::is_ok);
+    let gate = StartGate::new();
     let mut publishers = tokio::task::JoinSet::new();
     for i in 0..workload.aggregates {
-        let (js, workload, timings, acks) = (js.clone(), workload.clone(), timings.clone(), acks.clone());
+        let (js, workload, timings, pending) = (js.clone(), workload.clone(), timings.clone(), pending.clone());
+        let start = gate.waiter();
         publishers.spawn(async move {
+            start.await;
             // Aggregates spread evenly over the partitions, as the bus's hash spreads them.
             let subject = subject(workload.topic_of(i), i / workload.topics.len() % partitions.unwrap_or(1));
             for version in 1..=workload.versions {
@@ -132,14 +135,16 @@ pub async fn run(
                 }
                 headers.insert("Nats-Msg-Id", event.event_id.to_string().as_str());
                 let sent = Instant::now();
+                let slot = pending.reserve().await;
                 match js.publish_with_headers(subject.clone(), headers, wire.payload).await {
-                    Ok(ack) => hand_over(&acks, &timings, sent, ack).await,
+                    Ok(ack) => pending.hand_over(&timings, slot, sent, ack),
                     Err(_) => timings.failed(),
                 }
             }
         });
     }
-    join_publishers(&timings, publishers, acks, collector).await;
+    let started = gate.open();
+    acks::join_publishers(&timings, publishers, pending, collector).await;
     tally.wait_complete(DRAIN_DEADLINE).await;
     let elapsed = started.elapsed();
     stop.cancel();

@@ -1,0 +1,115 @@
+//! Where the publishers of every run hand their acks: one collector task settles them as they complete, and
+//! takes each ack's latency then.
+//!
+//! A bus run hands over receipts, and the bus's own window bounds what is in flight. A bare run hands over
+//! the client's ack futures and bounds what is in flight to the same window here: a publisher takes a slot
+//! before it sends, and the slot frees when the ack completes, as the bus's window does. Without that bound a
+//! bare publisher could send before there is room, and the bare client would have up to one message per
+//! publisher more in flight than the bus (10,000 more at `scale`).
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::bus::PublishTimings;
+use super::tally::record_latency;
+
+/// A publisher's handle on the collector.
+pub(crate) struct Acks<F> {
+    slots: Option<Arc<Semaphore>>,
+    handed: mpsc::UnboundedSender<Handed<F>>,
+}
+
+impl<F> Clone for Acks<F> {
+    fn clone(&self) -> Self {
+        Self { slots: self.slots.clone(), handed: self.handed.clone() }
+    }
+}
+
+/// Room for one message in flight; freed when its ack completes.
+pub(crate) struct AckSlot {
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+struct Handed<F> {
+    sent: Instant,
+    slot: AckSlot,
+    ack: F,
+}
+
+/// Starts the collector. `window` bounds the acks in flight (`None`: the client bounds them itself); `acked`
+/// tells a stored message from a failed one. The collector ends once every [`Acks`] is dropped and every ack
+/// handed over has completed.
+pub(crate) fn collect<F>(
+    window: Option<usize>,
+    timings: Arc<PublishTimings>,
+    acked: fn(&F::Output) -> bool,
+) -> (Acks<F>, JoinHandle<()>)
+where
+    F: IntoFuture + Send + 'static,
+    F::IntoFuture: Send,
+    F::Output: Send,
+{
+    let (handed, mut receiver) = mpsc::unbounded_channel::<Handed<F>>();
+    let collector = tokio::spawn(async move {
+        let mut waiting = FuturesUnordered::new();
+        let mut open = true;
+        loop {
+            tokio::select! {
+                received = receiver.recv(), if open => match received {
+                    Some(Handed { sent, slot, ack }) => waiting.push(async move {
+                        let output = ack.into_future().await;
+                        drop(slot);
+                        (sent, output)
+                    }),
+                    None => open = false,
+                },
+                Some((sent, output)) = waiting.next(), if !waiting.is_empty() => {
+                    if acked(&output) {
+                        record_latency(&timings.ack, sent.elapsed());
+                    } else {
+                        timings.failed();
+                    }
+                }
+                else => break,
+            }
+        }
+    });
+    (Acks { slots: window.map(|window| Arc::new(Semaphore::new(window))), handed }, collector)
+}
+
+impl<F> Acks<F> {
+    /// Waits for room in the window (at once when the client bounds it itself).
+    pub(crate) async fn reserve(&self) -> AckSlot {
+        match &self.slots {
+            Some(slots) => AckSlot { _permit: slots.clone().acquire_owned().await.ok() },
+            None => AckSlot { _permit: None },
+        }
+    }
+
+    /// Hands over the ack of a publish begun at `sent` (before its [`reserve`](Self::reserve)), and takes the
+    /// publish latency: the wait for room plus the send.
+    pub(crate) fn hand_over(&self, timings: &PublishTimings, slot: AckSlot, sent: Instant, ack: F) {
+        record_latency(&timings.enqueue, sent.elapsed());
+        if self.handed.send(Handed { sent, slot, ack }).is_err() {
+            timings.failed();
+        }
+    }
+}
+
+/// Waits for every publisher task, then for the collector to settle every ack they handed over; `acks` is the
+/// run's own handle, dropped first so the collector ends with the last publisher.
+pub(crate) async fn join_publishers<F>(
+    timings: &PublishTimings,
+    publishers: JoinSet<()>,
+    acks: Acks<F>,
+    collector: JoinHandle<()>,
+) {
+    drop(acks);
+    timings.join(publishers).await;
+    let _ = collector.await;
+}
