@@ -125,6 +125,12 @@ impl Sampler {
         Self { peak_tasks, peak_rss_kib, stop, thread: Some(thread) }
     }
 
+    /// Takes one sample now, for a moment the caller knows to matter (every publisher spawned, none started),
+    /// which a sample every millisecond can miss on a busy machine.
+    pub fn sample_now(&self) {
+        self.peak_tasks.fetch_max(alive_tasks(), Ordering::Relaxed);
+    }
+
     /// Stops sampling; the peaks seen, the current RSS included.
     pub fn finish(mut self) -> Peaks {
         self.stop_thread();

@@ -1,11 +1,12 @@
 //! Where the publishers of every run hand their acks: one collector task settles them as they complete, and
 //! takes each ack's latency then.
 //!
-//! A bus run hands over receipts, and the bus's own window bounds what is in flight. A bare run hands over
-//! the client's ack futures and bounds what is in flight to the same window here: a publisher takes a slot
-//! before it sends, and the slot frees when the ack completes, as the bus's window does. Without that bound a
-//! bare publisher could send before there is room, and the bare client would have up to one message per
-//! publisher more in flight than the bus (10,000 more at `scale`).
+//! Every run bounds what it has handed over to the publish window: a publisher takes a slot before it sends,
+//! and the slot frees when the collector takes the completed ack. For a bare run this is the bus's window
+//! rebuilt (without it, the bare client would have up to one message per publisher more in flight than the
+//! bus: 10,000 more at `scale`); for a bus run, whose own window frees its slot at the ack, it bounds the
+//! receipts settled but not yet taken (on the in-memory backend they settle at once, and a collector that
+//! falls behind 10,000 publishers would otherwise let them pile up).
 
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use super::tally::record_latency;
 
 /// A publisher's handle on the collector.
 pub(crate) struct Acks<F> {
-    slots: Option<Arc<Semaphore>>,
+    slots: Arc<Semaphore>,
     handed: mpsc::UnboundedSender<Handed<F>>,
 }
 
@@ -41,11 +42,11 @@ struct Handed<F> {
     ack: F,
 }
 
-/// Starts the collector. `window` bounds the acks in flight (`None`: the client bounds them itself); `acked`
-/// tells a stored message from a failed one. The collector ends once every [`Acks`] is dropped and every ack
+/// Starts the collector. `window` bounds the acks handed over and not yet taken; `acked` tells a stored
+/// message from a failed one. The collector ends once every [`Acks`] is dropped and every ack
 /// handed over has completed.
 pub(crate) fn collect<F>(
-    window: Option<usize>,
+    window: usize,
     timings: Arc<PublishTimings>,
     acked: fn(&F::Output) -> bool,
 ) -> (Acks<F>, JoinHandle<()>)
@@ -79,16 +80,14 @@ where
             }
         }
     });
-    (Acks { slots: window.map(|window| Arc::new(Semaphore::new(window))), handed }, collector)
+    (Acks { slots: Arc::new(Semaphore::new(window)), handed }, collector)
 }
 
 impl<F> Acks<F> {
-    /// Waits for room in the window (at once when the client bounds it itself).
+    /// Waits for room in the window.
     pub(crate) async fn reserve(&self) -> AckSlot {
-        match &self.slots {
-            Some(slots) => AckSlot { _permit: slots.clone().acquire_owned().await.ok() },
-            None => AckSlot { _permit: None },
-        }
+        // The semaphore is never closed: the permit is always there.
+        AckSlot { _permit: self.slots.clone().acquire_owned().await.ok() }
     }
 
     /// Hands over the ack of a publish begun at `sent` (before its [`reserve`](Self::reserve)), and takes the

@@ -74,8 +74,10 @@ impl StartGate {
         }
     }
 
-    /// Lets every publisher go; returns the start of the clock.
-    pub(crate) fn open(self) -> Instant {
+    /// Lets every publisher go; returns the start of the clock. `sampler` first counts the tasks alive: every
+    /// publisher and everything the client runs.
+    pub(crate) fn open(self, sampler: &Sampler) -> Instant {
+        sampler.sample_now();
         let started = Instant::now();
         self.open.send_replace(true);
         started
@@ -165,7 +167,7 @@ pub async fn run(config: &BusConfig, backend: &str, level: Level, payload: usize
     }
     let sampler = Sampler::start();
     let timings = Arc::new(PublishTimings::new());
-    let started = publish_all(&bus, &workload, &timings).await;
+    let started = publish_all(&bus, &workload, config.publish.window, &timings, &sampler).await;
     tally.wait_complete(DRAIN_DEADLINE).await;
     let elapsed = started.elapsed();
     for subscription in subscriptions {
@@ -179,9 +181,16 @@ pub async fn run(config: &BusConfig, backend: &str, level: Level, payload: usize
 /// One task per aggregate publishes its versions in order and hands each receipt to one collector task, as
 /// the bare runs hand their ack futures: the ack latency is taken when the ack settles, not when a publisher
 /// gets round to awaiting it, and the publishers hold no receipts. Returns when the clock started.
-async fn publish_all(bus: &Arc<dyn EventBus>, workload: &Workload, timings: &Arc<PublishTimings>) -> Instant {
-    // The bus's window bounds the receipts in flight.
-    let (receipts, collector) = acks::collect::<PublishReceipt>(None, timings.clone(), Result::is_ok);
+async fn publish_all(
+    bus: &Arc<dyn EventBus>,
+    workload: &Workload,
+    window: usize,
+    timings: &Arc<PublishTimings>,
+    sampler: &Sampler,
+) -> Instant {
+    // The bus's window bounds the publishes awaiting an ack, but not the receipts already settled that the
+    // collector has yet to take: the same bound as the bare runs' keeps those from piling up.
+    let (receipts, collector) = acks::collect::<PublishReceipt>(window, timings.clone(), Result::is_ok);
     let gate = StartGate::new();
     let mut publishers = JoinSet::new();
     for i in 0..workload.aggregates {
@@ -201,7 +210,7 @@ async fn publish_all(bus: &Arc<dyn EventBus>, workload: &Workload, timings: &Arc
             }
         });
     }
-    let started = gate.open();
+    let started = gate.open(sampler);
     acks::join_publishers(timings, publishers, receipts, collector).await;
     started
 }

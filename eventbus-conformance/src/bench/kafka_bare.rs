@@ -100,7 +100,7 @@ pub async fn run(bootstrap: &str, level: Level, payload: usize, config: &BusConf
     let sampler = Sampler::start();
     let timings = Arc::new(PublishTimings::new());
     let (deliveries, collector) =
-        acks::collect::<DeliveryFuture>(Some(window), timings.clone(), |delivered| matches!(delivered, Ok(Ok(_))));
+        acks::collect::<DeliveryFuture>(window, timings.clone(), |delivered| matches!(delivered, Ok(Ok(_))));
     let gate = StartGate::new();
     let mut publishers = tokio::task::JoinSet::new();
     for i in 0..workload.aggregates {
@@ -139,7 +139,7 @@ pub async fn run(bootstrap: &str, level: Level, payload: usize, config: &BusConf
             }
         });
     }
-    let started = gate.open();
+    let started = gate.open(&sampler);
     acks::join_publishers(&timings, publishers, deliveries, collector).await;
     tally.wait_complete(DRAIN_DEADLINE).await;
     let elapsed = started.elapsed();

@@ -116,7 +116,7 @@ pub async fn run(
     }
     let sampler = Sampler::start();
     let timings = Arc::new(PublishTimings::new());
-    let (pending, collector) = acks::collect::<PublishAckFuture>(Some(window), timings.clone(), Result::is_ok);
+    let (pending, collector) = acks::collect::<PublishAckFuture>(window, timings.clone(), Result::is_ok);
     let gate = StartGate::new();
     let mut publishers = tokio::task::JoinSet::new();
     for i in 0..workload.aggregates {
@@ -143,7 +143,7 @@ pub async fn run(
             }
         });
     }
-    let started = gate.open();
+    let started = gate.open(&sampler);
     acks::join_publishers(&timings, publishers, pending, collector).await;
     tally.wait_complete(DRAIN_DEADLINE).await;
     let elapsed = started.elapsed();
