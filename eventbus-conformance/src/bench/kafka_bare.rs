@@ -5,7 +5,7 @@
 //! `linger.ms` and `fetch.wait.max.ms`; everything else is librdkafka's default. One consumer (auto-commit, reading
 //! from the earliest offset) takes every topic; the clock starts once it has been assigned all partitions.
 //! Publishers send with the same headers as the bus, keyed by aggregate, and hand each delivery future to one
-//! collector task ([`super::acks`]); at most the bus's publish window of them are in flight.
+//! collector task (`bench/acks.rs`); at most the bus's publish window of them are in flight.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //! A run ([`bus::run`], [`nats_bare::run`], [`kafka_bare::run`]) starts its consumers, waits until they
 //! report they are live, then starts the clock at the first publish and stops it at the last event consumed:
 //! no fixed sleeps. One publisher task per aggregate sends its versions in order and hands each ack (a
-//! receipt, or the bare client's ack future) to one collector task ([`acks`]), which takes its latency when it
+//! receipt, or the bare client's ack future) to one collector task (`acks.rs`), which takes its latency when it
 //! completes; at most the publish window's worth are in flight in every run. Every delivery goes through a [`tally::DeliveryTally`],
 //! which finds order violations, losses and duplicates.
 

@@ -8,7 +8,7 @@
 //! what keeps an aggregate's order across the members of a group on NATS 2.9. Either way one consuming task
 //! per consumer decodes, records and acks each message. Publishers send with the same headers as the bus
 //! (`Nats-Msg-Id` included, for the server's de-duplication) and hand each ack future to one collector task
-//! ([`super::acks`]); at most the bus's publish window of them are in flight.
+//! (`bench/acks.rs`); at most the bus's publish window of them are in flight.
 
 use std::sync::Arc;
 use std::time::Instant;
