@@ -1,4 +1,5 @@
-//! Measures what a bus holds on to: alive tokio tasks, open file descriptors, OS threads and resident memory.
+//! Measures what a bus holds on to: alive tokio tasks, open file descriptors, OS threads and resident memory;
+//! and the CPU time it uses.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -150,6 +151,21 @@ impl Drop for Sampler {
     fn drop(&mut self) {
         self.stop_thread();
     }
+}
+
+/// CPU time this process has used so far (user and system, every thread), in milliseconds; 0 where /proc is
+/// unavailable. /proc counts it in USER_HZ ticks, which Linux fixes at 100 per second.
+pub fn process_cpu_ms() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            // The command name (field 2) may hold spaces; the fields after its closing parenthesis do not.
+            let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
+            // utime and stime are fields 14 and 15 of the line: 12th and 13th after the name.
+            let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            Some(ticks * 10)
+        })
+        .unwrap_or(0)
 }
 
 /// This process's resident set size in KiB (`VmRSS`), 0 where /proc is unavailable.

@@ -13,7 +13,7 @@ use super::acks;
 use super::report::{Client, Measurement};
 use super::tally::{latency_histogram, DeliveryTally, Percentiles};
 use super::{Level, DRAIN_DEADLINE, TOPICS};
-use crate::probe::{resources, rss_kib, tasks_settled, Sampler};
+use crate::probe::{process_cpu_ms, resources, rss_kib, tasks_settled, Sampler};
 use crate::workload::Workload;
 
 /// Enqueue and ack latencies and failures of every publisher task.
@@ -74,13 +74,31 @@ impl StartGate {
         }
     }
 
-    /// Lets every publisher go; returns the start of the clock. `sampler` first counts the tasks alive: every
-    /// publisher and everything the client runs.
-    pub(crate) fn open(self, sampler: &Sampler) -> Instant {
+    /// Lets every publisher go and starts the clock. `sampler` first counts the tasks alive: every publisher
+    /// and everything the client runs.
+    pub(crate) fn open(self, sampler: &Sampler) -> Clock {
         sampler.sample_now();
-        let started = Instant::now();
+        let clock = Clock { started: Instant::now(), cpu_ms: process_cpu_ms() };
         self.open.send_replace(true);
-        started
+        clock
+    }
+}
+
+/// A run's clock, started at the first publish: wall time and this process's CPU time.
+pub(crate) struct Clock {
+    started: Instant,
+    cpu_ms: u64,
+}
+
+/// What a run's clock read when the last event was consumed.
+pub(crate) struct Elapsed {
+    wall: std::time::Duration,
+    cpu_ms: u64,
+}
+
+impl Clock {
+    pub(crate) fn stop(&self) -> Elapsed {
+        Elapsed { wall: self.started.elapsed(), cpu_ms: process_cpu_ms().saturating_sub(self.cpu_ms) }
     }
 }
 
@@ -104,7 +122,7 @@ impl Baseline {
         backend: &str,
         client: Client,
         level: Level,
-        elapsed: std::time::Duration,
+        elapsed: Elapsed,
         sampler: Sampler,
         timings: &PublishTimings,
         tally: &DeliveryTally,
@@ -118,8 +136,9 @@ impl Baseline {
             client,
             level: level.name.to_owned(),
             messages: level.messages,
-            elapsed_ms: elapsed.as_secs_f64() * 1000.0,
-            throughput: counts.distinct as f64 / elapsed.as_secs_f64(),
+            elapsed_ms: elapsed.wall.as_secs_f64() * 1000.0,
+            cpu_ms: elapsed.cpu_ms,
+            throughput: counts.distinct as f64 / elapsed.wall.as_secs_f64(),
             publish_us: timings.enqueue(),
             ack_us: timings.ack(),
             e2e_us: tally.end_to_end(),
@@ -167,9 +186,9 @@ pub async fn run(config: &BusConfig, backend: &str, level: Level, payload: usize
     }
     let sampler = Sampler::start();
     let timings = Arc::new(PublishTimings::new());
-    let started = publish_all(&bus, &workload, config.publish.window, &timings, &sampler).await;
+    let clock = publish_all(&bus, &workload, config.publish.window, &timings, &sampler).await;
     tally.wait_complete(DRAIN_DEADLINE).await;
-    let elapsed = started.elapsed();
+    let elapsed = clock.stop();
     for subscription in subscriptions {
         subscription.close().await;
     }
@@ -180,14 +199,14 @@ pub async fn run(config: &BusConfig, backend: &str, level: Level, payload: usize
 
 /// One task per aggregate publishes its versions in order and hands each receipt to one collector task, as
 /// the bare runs hand their ack futures: the ack latency is taken when the ack settles, not when a publisher
-/// gets round to awaiting it, and the publishers hold no receipts. Returns when the clock started.
+/// gets round to awaiting it, and the publishers hold no receipts. Returns the run's clock.
 async fn publish_all(
     bus: &Arc<dyn EventBus>,
     workload: &Workload,
     window: usize,
     timings: &Arc<PublishTimings>,
     sampler: &Sampler,
-) -> Instant {
+) -> Clock {
     // The bus's window bounds the publishes awaiting an ack, but not the receipts already settled that the
     // collector has yet to take: the same bound as the bare runs' keeps those from piling up.
     let (receipts, collector) = acks::collect::<PublishReceipt>(window, timings.clone(), Result::is_ok);
@@ -210,7 +229,7 @@ async fn publish_all(
             }
         });
     }
-    let started = gate.open(sampler);
+    let clock = gate.open(sampler);
     acks::join_publishers(timings, publishers, receipts, collector).await;
-    started
+    clock
 }

@@ -139,10 +139,10 @@ pub async fn run(bootstrap: &str, level: Level, payload: usize, config: &BusConf
             }
         });
     }
-    let started = gate.open(&sampler);
+    let clock = gate.open(&sampler);
     acks::join_publishers(&timings, publishers, deliveries, collector).await;
     tally.wait_complete(DRAIN_DEADLINE).await;
-    let elapsed = started.elapsed();
+    let elapsed = clock.stop();
     stop.cancel();
     let _ = consuming.await;
     // The topics stay, as the bus run's do: deleting them while the clients still cache their metadata

@@ -5,8 +5,8 @@
 //! report they are live, then starts the clock at the first publish and stops it at the last event consumed:
 //! no fixed sleeps. One publisher task per aggregate sends its versions in order and hands each ack (a
 //! receipt, or the bare client's ack future) to one collector task (`acks.rs`), which takes its latency when it
-//! completes; at most the publish window's worth are in flight in every run. Every delivery goes through a [`tally::DeliveryTally`],
-//! which finds order violations, losses and duplicates.
+//! completes; at most the publish window's worth are in flight in every run. Every delivery goes through a
+//! [`tally::DeliveryTally`], which finds order violations, losses and duplicates.
 
 mod acks;
 pub mod bus;

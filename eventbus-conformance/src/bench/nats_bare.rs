@@ -143,10 +143,10 @@ pub async fn run(
             }
         });
     }
-    let started = gate.open(&sampler);
+    let clock = gate.open(&sampler);
     acks::join_publishers(&timings, publishers, pending, collector).await;
     tally.wait_complete(DRAIN_DEADLINE).await;
-    let elapsed = started.elapsed();
+    let elapsed = clock.stop();
     stop.cancel();
     while consumers.join_next().await.is_some() {}
     for name in streams {

@@ -41,11 +41,15 @@ pub struct Measurement {
     pub messages: usize,
     /// From the first publish to the last event consumed, in milliseconds.
     pub elapsed_ms: f64,
+    /// CPU time of the whole bench process (user and system, every thread) over `elapsed_ms`, milliseconds: the
+    /// client's cost per event, apart from the broker's, when divided by `messages`.
+    #[serde(default)]
+    pub cpu_ms: u64,
     /// Distinct events consumed per second over `elapsed_ms`.
     pub throughput: f64,
     /// Time for `publish` to accept an event (enqueue), µs.
     pub publish_us: Percentiles,
-    /// Time from publish to the broker's ack, µs.
+    /// Time from publish to the broker's ack, taken when the run's ack collector takes the completed ack, µs.
     pub ack_us: Percentiles,
     /// Consume time − envelope timestamp, µs.
     pub e2e_us: Percentiles,
@@ -142,7 +146,7 @@ impl Measurement {
     pub fn table_header() -> &'static str {
         "| backend | client | level | messages | msg/s | bus÷bare msg/s (÷bare-ordered) | publish p50/p99/max µs | bus÷bare publish p99 \
          | ack p50/p99 ms | e2e p50/p99 ms | peak tasks (publishers + other) | RSS Δ MB | violations/losses/duplicates \
-         | tasks/fds left |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+         | CPU ms per 1k events | tasks/fds left |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     }
 
     /// This run as a table row.
@@ -154,7 +158,7 @@ impl Measurement {
         };
         let ms = |us: u64| us as f64 / 1000.0;
         format!(
-            "| {} | {} | {} | {} | {:.0} | {} | {}/{}/{} | {} | {:.2}/{:.2} | {:.2}/{:.2} | {} ({} + {}) | {:.1} | {}/{}/{} | {}/{} |",
+            "| {} | {} | {} | {} | {:.0} | {} | {}/{}/{} | {} | {:.2}/{:.2} | {:.2}/{:.2} | {} ({} + {}) | {:.1} | {}/{}/{} | {:.0} | {}/{} |",
             self.backend,
             self.client,
             self.level,
@@ -176,6 +180,7 @@ impl Measurement {
             self.counts.violations,
             self.counts.losses,
             self.counts.duplicates,
+            self.cpu_ms as f64 * 1000.0 / self.messages.max(1) as f64,
             self.tasks_left,
             self.fds_left,
         )
