@@ -62,6 +62,7 @@ pub(crate) struct StartGate {
 }
 
 impl StartGate {
+    /// A closed gate.
     pub(crate) fn new() -> Self {
         Self { open: watch::Sender::new(false) }
     }
@@ -97,6 +98,7 @@ pub(crate) struct Elapsed {
 }
 
 impl Clock {
+    /// Reads the clock: wall time and process CPU time since it started.
     pub(crate) fn stop(&self) -> Elapsed {
         Elapsed { wall: self.started.elapsed(), cpu_ms: process_cpu_ms().saturating_sub(self.cpu_ms) }
     }
