@@ -137,6 +137,7 @@ impl Baseline {
             backend: backend.to_owned(),
             client,
             level: level.name.to_owned(),
+            round: 1,
             messages: level.messages,
             elapsed_ms: elapsed.wall.as_secs_f64() * 1000.0,
             cpu_ms: elapsed.cpu_ms,

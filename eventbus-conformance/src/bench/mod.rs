@@ -14,6 +14,7 @@ pub mod kafka_bare;
 pub mod nats_bare;
 pub mod plot;
 pub mod report;
+pub mod rounds;
 pub mod tally;
 
 use std::time::Duration;

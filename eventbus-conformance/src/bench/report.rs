@@ -37,6 +37,9 @@ pub struct Measurement {
     pub client: Client,
     /// The level's name.
     pub level: String,
+    /// Which round of `--repeat` this was, from 1 (0 in files written before rounds existed).
+    #[serde(default)]
+    pub round: usize,
     /// Events published.
     pub messages: usize,
     /// From the first publish to the last event consumed, in milliseconds.

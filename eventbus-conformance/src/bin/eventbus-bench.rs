@@ -8,8 +8,12 @@
 //! eventbus-bench --backend nats --level all --raw                       # starts a NATS container
 //! eventbus-bench --backend kafka --url kafka://127.0.0.1:9092 --level extreme --raw --json bench.jsonl
 //! eventbus-bench --backend all --level all --raw --json bench.jsonl --plot throughput.svg
+//! eventbus-bench --backend kafka --level extreme --level scale --raw --repeat 5    # medians of five rounds
 //! eventbus-bench --plot-from bench.jsonl --plot throughput.svg                # redraw, run nothing
 //! ```
+//!
+//! `--repeat N` runs each level N times in a row (bus and bare clients in turn each round), prints every
+//! round, then a table of the bus's median and range per level; the plot draws each level's median round.
 //!
 //! `--config FILE.json` runs the bus with those settings (the `BusConfig` JSON of docs/configuration.md; its
 //! `url` is replaced by the broker's). Without `--url`, a broker container is started the way the conformance suites start theirs (the image
@@ -25,6 +29,7 @@ use std::process::ExitCode;
 use eventbus::BusConfig;
 use eventbus_conformance::bench::nats_bare::Layout;
 use eventbus_conformance::bench::report::Measurement;
+use eventbus_conformance::bench::rounds::{self, RoundsSummary};
 use eventbus_conformance::bench::{bus, kafka_bare, nats_bare, plot, Level, LEVELS};
 use eventbus_conformance::kafka::Kafka;
 use eventbus_conformance::nats::Nats;
@@ -36,8 +41,11 @@ use eventbus_conformance::nats::Nats;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const USAGE: &str = "usage: eventbus-bench [--backend memory|nats|kafka|all] [--url URL] \
-[--level low|mid|high|extreme|scale|all]... [--raw] [--payload BYTES] [--config FILE.json] [--json FILE] \
-[--plot FILE.svg]\n       eventbus-bench --plot-from FILE.jsonl --plot FILE.svg";
+[--level low|mid|high|extreme|scale|all]... [--raw] [--repeat N] [--payload BYTES] [--config FILE.json] \
+[--json FILE] [--plot FILE.svg]\n       eventbus-bench --plot-from FILE.jsonl --plot FILE.svg";
+
+/// Most rounds `--repeat` accepts: each `scale` round of every client takes about a minute.
+const MAX_ROUNDS: usize = 20;
 
 struct Options {
     backends: Vec<String>,
@@ -45,6 +53,8 @@ struct Options {
     levels: Vec<Level>,
     payload: usize,
     raw: bool,
+    /// Rounds per level (`--repeat`).
+    rounds: usize,
     config: Option<PathBuf>,
     json: Option<PathBuf>,
     plot: Option<PathBuf>,
@@ -59,6 +69,7 @@ fn parse() -> Result<Options, String> {
         levels: Vec::new(),
         payload: 200,
         raw: false,
+        rounds: 1,
         config: None,
         json: None,
         plot: None,
@@ -75,6 +86,7 @@ fn parse() -> Result<Options, String> {
             "--url" => options.url = Some(value()?),
             "--payload" => options.payload = value()?.parse().map_err(|e| format!("--payload: {e}"))?,
             "--raw" => options.raw = true,
+            "--repeat" => options.rounds = value()?.parse().map_err(|e| format!("--repeat: {e}"))?,
             "--json" => options.json = Some(value()?.into()),
             "--config" => options.config = Some(value()?.into()),
             "--plot" => options.plot = Some(value()?.into()),
@@ -95,6 +107,9 @@ fn parse() -> Result<Options, String> {
     }
     if options.url.is_some() && options.backends.len() != 1 {
         return Err("--url names one broker: use it with a single --backend".to_owned());
+    }
+    if !(1..=MAX_ROUNDS).contains(&options.rounds) {
+        return Err(format!("--repeat takes 1 to {MAX_ROUNDS} rounds"));
     }
     if options.payload == 0 {
         return Err("--payload must be at least 1 byte".to_owned());
@@ -143,7 +158,7 @@ fn main() -> ExitCode {
 fn replot(input: &std::path::Path, output: &std::path::Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(input).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", input.display()))?;
     let measured = Measurement::read_json_lines(&text).map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
-    plot::write_svg(&measured, output)?;
+    plot::write_svg(&rounds::median_runs(&measured), output)?;
     eprintln!("eventbus-bench: wrote {}", output.display());
     Ok(())
 }
@@ -199,6 +214,7 @@ async fn run(options: &Options) -> anyhow::Result<bool> {
     };
     let mut clean = true;
     let mut measured = Vec::new();
+    let mut summaries = Vec::new();
     println!("{}", Measurement::table_header());
     for backend in &options.backends {
         if options.raw && backend == "memory" {
@@ -206,12 +222,18 @@ async fn run(options: &Options) -> anyhow::Result<bool> {
         }
         let broker = Broker::for_backend(backend, options.url.as_ref()).await?;
         let url = broker.url();
-        let outcome = run_backend(options, backend, &url, &mut measured, &mut json).await;
+        let outcome = run_backend(options, backend, &url, &mut measured, &mut summaries, &mut json).await;
         broker.stop().await;
         clean &= outcome?;
     }
+    if options.rounds > 1 && !summaries.is_empty() {
+        println!("\n{}", RoundsSummary::table_header());
+        for summary in &summaries {
+            println!("{}", summary.table_row());
+        }
+    }
     if let Some(path) = &options.plot {
-        plot::write_svg(&measured, path)?;
+        plot::write_svg(&rounds::median_runs(&measured), path)?;
         eprintln!("eventbus-bench: wrote {}", path.display());
     }
     Ok(clean)
@@ -222,6 +244,7 @@ async fn run_backend(
     backend: &str,
     url: &str,
     measured: &mut Vec<Measurement>,
+    summaries: &mut Vec<RoundsSummary>,
     json: &mut Option<std::fs::File>,
 ) -> anyhow::Result<bool> {
     let mut config = match &options.config {
@@ -241,40 +264,52 @@ async fn run_backend(
     config.url = url.to_owned();
     let mut clean = true;
     for level in &options.levels {
-        let mut runs = vec![bus::run(&config, backend, *level, options.payload).await?];
-        if options.raw {
-            let window = config.publish.window;
-            let bare = match backend {
-                // Kafka's bare consumer already reads the same partitions the bus does; NATS also runs with the
-                // bus's consumer layout, to show the broker's pace under the bus's ordering.
-                "nats" => vec![
-                    nats_bare::run(url, *level, options.payload, window, Layout::PerTopic).await?,
-                    nats_bare::run(url, *level, options.payload, window, Layout::PerPartition(config.nats.partitions))
-                        .await?,
-                ],
-                "kafka" => {
-                    let bootstrap = url.trim_start_matches("kafka://");
-                    vec![kafka_bare::run(bootstrap, *level, options.payload, &config).await?]
+        let mut level_runs = Vec::new();
+        for round in 1..=options.rounds {
+            let mut runs = vec![bus::run(&config, backend, *level, options.payload).await?];
+            if options.raw {
+                for bare in bare_runs(&config, backend, url, *level, options.payload).await? {
+                    runs[0].compare_to(&bare);
+                    runs.push(bare);
                 }
-                _ => Vec::new(),
-            };
-            for bare in bare {
-                runs[0].compare_to(&bare);
-                runs.push(bare);
+            }
+            for mut run in runs {
+                run.round = round;
+                println!("{}", run.table_row());
+                let problems = run.problems();
+                if !problems.is_empty() {
+                    clean = false;
+                    eprintln!("eventbus-bench: {} {} {}: {}", run.backend, run.client, run.level, problems.join(", "));
+                }
+                if let Some(file) = json {
+                    writeln!(file, "{}", run.json_line())?;
+                }
+                level_runs.push(run);
             }
         }
-        for run in runs {
-            println!("{}", run.table_row());
-            let problems = run.problems();
-            if !problems.is_empty() {
-                clean = false;
-                eprintln!("eventbus-bench: {} {} {}: {}", run.backend, run.client, run.level, problems.join(", "));
-            }
-            if let Some(file) = json {
-                writeln!(file, "{}", run.json_line())?;
-            }
-            measured.push(run);
-        }
+        summaries.extend(RoundsSummary::of(&level_runs));
+        measured.extend(level_runs);
     }
     Ok(clean)
+}
+
+/// One level through the bare client(s) of `backend` on the broker at `url`; none for memory.
+async fn bare_runs(
+    config: &BusConfig,
+    backend: &str,
+    url: &str,
+    level: Level,
+    payload: usize,
+) -> anyhow::Result<Vec<Measurement>> {
+    let window = config.publish.window;
+    Ok(match backend {
+        // Kafka's bare consumer already reads the same partitions the bus does; NATS also runs with the bus's
+        // consumer layout, to show the broker's pace under the bus's ordering.
+        "nats" => vec![
+            nats_bare::run(url, level, payload, window, Layout::PerTopic).await?,
+            nats_bare::run(url, level, payload, window, Layout::PerPartition(config.nats.partitions)).await?,
+        ],
+        "kafka" => vec![kafka_bare::run(url.trim_start_matches("kafka://"), level, payload, config).await?],
+        _ => Vec::new(),
+    })
 }
