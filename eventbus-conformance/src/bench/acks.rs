@@ -33,7 +33,7 @@ impl<F> Clone for Acks<F> {
 
 /// Room for one message in flight; freed when its ack completes.
 pub(crate) struct AckSlot {
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: OwnedSemaphorePermit,
 }
 
 struct Handed<F> {
@@ -86,8 +86,8 @@ where
 impl<F> Acks<F> {
     /// Waits for room in the window.
     pub(crate) async fn reserve(&self) -> AckSlot {
-        // The semaphore is never closed: the permit is always there.
-        AckSlot { _permit: self.slots.clone().acquire_owned().await.ok() }
+        let permit = self.slots.clone().acquire_owned().await.expect("the window's semaphore is never closed");
+        AckSlot { _permit: permit }
     }
 
     /// Hands over the ack of a publish begun at `sent` (before its [`reserve`](Self::reserve)), and takes the

@@ -52,9 +52,17 @@ pub struct RoundsSummary {
 }
 
 impl RoundsSummary {
+    /// One summary per backend and level among `runs`, in the order they first appear.
+    pub fn of_all(runs: &[Measurement]) -> Vec<Self> {
+        groups(runs, |a, b| a.backend == b.backend && a.level == b.level)
+            .into_iter()
+            .filter_map(|group| Self::of(&group))
+            .collect()
+    }
+
     /// Sums up the bus runs among `runs` (every round of one level of one backend).
-    pub fn of(runs: &[Measurement]) -> Option<Self> {
-        let bus: Vec<&Measurement> = runs.iter().filter(|m| m.client == Client::Bus).collect();
+    fn of(runs: &[&Measurement]) -> Option<Self> {
+        let bus: Vec<&Measurement> = runs.iter().copied().filter(|m| m.client == Client::Bus).collect();
         let first = bus.first()?;
         let spread =
             |figure: fn(&Measurement) -> Option<f64>| Spread::of(bus.iter().filter_map(|m| figure(m)).collect());
@@ -96,21 +104,25 @@ impl RoundsSummary {
 /// For each backend, client and level among `runs`, the round with the median throughput: what the plot
 /// draws when a level ran more than once.
 pub fn median_runs(runs: &[Measurement]) -> Vec<Measurement> {
-    let mut groups: Vec<Vec<&Measurement>> = Vec::new();
-    for run in runs {
-        let same = |m: &&Measurement| m.backend == run.backend && m.client == run.client && m.level == run.level;
-        match groups.iter_mut().find(|group| group.first().is_some_and(same)) {
-            Some(group) => group.push(run),
-            None => groups.push(vec![run]),
-        }
-    }
-    groups
+    groups(runs, |a, b| a.backend == b.backend && a.client == b.client && a.level == b.level)
         .into_iter()
         .map(|mut group| {
             group.sort_by(|a, b| a.throughput.total_cmp(&b.throughput));
             group[(group.len() - 1) / 2].clone()
         })
         .collect()
+}
+
+/// `runs` grouped by `same`, each group in run order, the groups in the order they first appear.
+fn groups(runs: &[Measurement], same: impl Fn(&Measurement, &Measurement) -> bool) -> Vec<Vec<&Measurement>> {
+    let mut groups: Vec<Vec<&Measurement>> = Vec::new();
+    for run in runs {
+        match groups.iter_mut().find(|group| same(group[0], run)) {
+            Some(group) => group.push(run),
+            None => groups.push(vec![run]),
+        }
+    }
+    groups
 }
 
 #[cfg(test)]

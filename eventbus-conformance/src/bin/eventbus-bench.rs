@@ -214,7 +214,6 @@ async fn run(options: &Options) -> anyhow::Result<bool> {
     };
     let mut clean = true;
     let mut measured = Vec::new();
-    let mut summaries = Vec::new();
     println!("{}", Measurement::table_header());
     for backend in &options.backends {
         if options.raw && backend == "memory" {
@@ -222,10 +221,11 @@ async fn run(options: &Options) -> anyhow::Result<bool> {
         }
         let broker = Broker::for_backend(backend, options.url.as_ref()).await?;
         let url = broker.url();
-        let outcome = run_backend(options, backend, &url, &mut measured, &mut summaries, &mut json).await;
+        let outcome = run_backend(options, backend, &url, &mut measured, &mut json).await;
         broker.stop().await;
         clean &= outcome?;
     }
+    let summaries = RoundsSummary::of_all(&measured);
     if options.rounds > 1 && !summaries.is_empty() {
         println!("\n{}", RoundsSummary::table_header());
         for summary in &summaries {
@@ -244,7 +244,6 @@ async fn run_backend(
     backend: &str,
     url: &str,
     measured: &mut Vec<Measurement>,
-    summaries: &mut Vec<RoundsSummary>,
     json: &mut Option<std::fs::File>,
 ) -> anyhow::Result<bool> {
     let mut config = match &options.config {
@@ -264,7 +263,6 @@ async fn run_backend(
     config.url = url.to_owned();
     let mut clean = true;
     for level in &options.levels {
-        let mut level_runs = Vec::new();
         for round in 1..=options.rounds {
             let mut runs = vec![bus::run(&config, backend, *level, options.payload).await?];
             if options.raw {
@@ -284,11 +282,9 @@ async fn run_backend(
                 if let Some(file) = json {
                     writeln!(file, "{}", run.json_line())?;
                 }
-                level_runs.push(run);
+                measured.push(run);
             }
         }
-        summaries.extend(RoundsSummary::of(&level_runs));
-        measured.extend(level_runs);
     }
     Ok(clean)
 }
