@@ -1,5 +1,5 @@
 //! The NATS JetStream backend as a [`Backend`], on a broker container, plus the scenarios only NATS has:
-//! token authentication and interop with the bare async-nats client.
+//! token authentication, interop with the bare async-nats client, provisioning and partition ownership.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -348,5 +348,104 @@ pub async fn provisioning(nats: &Nats) -> anyhow::Result<()> {
     ensure!(existing_group_ok, "validate-only refused consumers that exist");
     ensure!(matches!(missing_group, Err(Error::Mismatch { .. })), "a missing consumer was not refused");
     ensure!(after_update.is_ok(), "create-or-update did not bring the stream in line: {after_update:?}");
+    Ok(())
+}
+
+/// ownership: partitions pass between the members of a group without breaking an aggregate's order.
+///
+/// 1. A member handles versions 1 and 2 of every aggregate, then hangs on version 3, holding it and what its
+///    client buffered unacknowledged, and dies without closing. The next member takes the partitions over once
+///    the dead one's leases expired (`ack_wait`), starting at the first unacknowledged message: every event
+///    arrives and none before an earlier one of its aggregate.
+/// 2. A member that joins a busy group holds its fair share of the partitions when its subscribe returns.
+/// 3. When it closes, the remaining member holds every partition again within a few renewals.
+pub async fn ownership(nats: &Nats) -> anyhow::Result<()> {
+    let mut config = nats.config();
+    // A bucket of its own, whose entries live this test's short ack wait.
+    config.nats.stream_prefix = unique("OWN").replace('-', "_");
+    config.nats.ack_wait = Duration::from_secs(2);
+    let partitions = usize::from(config.nats.partitions);
+    let workload = crate::workload::Workload::new("ownership", 40, 5, 1);
+    let topic = &workload.topics[0];
+    let recorder = Arc::new(crate::recorder::Recorder::default());
+    let hang_from = 3;
+
+    let dying = Arc::new(NatsBus::connect(config.clone()).await?);
+    let recording = recorder.clone();
+    // A worker per aggregate, so the hung handlers do not hold back the other aggregates' first versions.
+    let options = SubscribeOptions::group("owned").concurrency(workload.aggregates);
+    let hanging = dying
+        .subscribe_with(topic, options, move |event| {
+            let recorder = recording.clone();
+            async move {
+                if event.event_version >= hang_from {
+                    std::future::pending::<()>().await;
+                }
+                recorder.record(&event);
+                Ok(())
+            }
+        })
+        .await?;
+    let published = workload.publish(dying.clone()).await;
+    let handled_before = recorder.wait_for(workload.aggregates * 2, DELIVERY_DEADLINE).await;
+    // Dies: no lease is given back, nothing more is acked.
+    drop(hanging);
+    drop(dying);
+
+    let died = std::time::Instant::now();
+    let survivor = NatsBus::connect(config.clone()).await?;
+    let first =
+        crate::workload::record_into(&survivor, topic, SubscribeOptions::group("owned"), recorder.clone()).await?;
+    let complete = recorder.wait_for(workload.total(), DELIVERY_DEADLINE).await;
+    let taken_over_in = died.elapsed();
+    let after_failover = recorder.tally(workload.total());
+
+    let leases = async_nats::jetstream::new(async_nats::connect(nats.url()).await?)
+        .get_key_value(naming::lease_bucket(&config.nats.stream_prefix))
+        .await?;
+    let scope = naming::lease_scope(&config.nats.stream_prefix, topic, "owned");
+    let owners = |leases: async_nats::jetstream::kv::Store, scope: String| async move {
+        let mut owners = std::collections::BTreeMap::<String, usize>::new();
+        for partition in 0..partitions {
+            if let Some(owner) = leases.get(format!("{scope}.partitions.{partition}")).await? {
+                *owners.entry(String::from_utf8_lossy(&owner).into_owned()).or_default() += 1;
+            }
+        }
+        anyhow::Ok(owners.into_values().collect::<Vec<usize>>())
+    };
+    let joining = NatsBus::connect(config.clone()).await?;
+    let second =
+        crate::workload::record_into(&joining, topic, SubscribeOptions::group("owned"), recorder.clone()).await?;
+    let shared = owners(leases.clone(), scope.clone()).await?;
+    second.close().await;
+    joining.close().await;
+    let mut whole = Vec::new();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        whole = owners(leases.clone(), scope.clone()).await?;
+        if whole == [partitions] {
+            break;
+        }
+    }
+    first.close().await;
+    survivor.close().await;
+
+    figures(
+        nats,
+        "ownership",
+        "failover-join-leave",
+        format_args!(
+            "messages={} handled_before_death={handled_before} after_failover=[{after_failover}] \
+             taken_over_in={taken_over_in:?} partitions_per_member_after_join={shared:?} after_leave={whole:?}",
+            workload.total()
+        ),
+    );
+    ensure!(published.failed == 0, "publishes failed: {:?}", published.errors);
+    ensure!(handled_before, "the first member did not handle versions 1 and 2");
+    ensure!(complete, "events were lost when the partitions passed on: {after_failover}");
+    ensure!(after_failover.violations == 0, "an event overtook an earlier one: {after_failover}");
+    let fair = partitions / 2;
+    ensure!(shared == [fair, partitions - fair] || shared == [partitions - fair, fair], "unfair share: {shared:?}");
+    ensure!(whole == [partitions], "the remaining member did not take every partition back: {whole:?}");
     Ok(())
 }

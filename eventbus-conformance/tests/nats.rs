@@ -1,6 +1,7 @@
-//! Every conformance suite against NATS JetStream in a container, plus token authentication and interop with
-//! the bare async-nats client. The image comes from `EVENTBUS_NATS_IMAGE` (default: the official `nats`
-//! image); without Docker the suites are listed as ignored, or fail under `EVENTBUS_REQUIRE_BROKERS=1`.
+//! Every conformance suite against NATS JetStream in a container, plus token authentication, interop with
+//! the bare async-nats client, provisioning and partition ownership. The image comes from
+//! `EVENTBUS_NATS_IMAGE` (default: the official `nats` image); without Docker the suites are listed as ignored,
+//! or fail under `EVENTBUS_REQUIRE_BROKERS=1`.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -15,10 +16,14 @@ fn main() -> ExitCode {
     let broker = match fixture.block_on(Nats::start()) {
         Ok(broker) => Arc::new(broker),
         Err(error) => {
-            return harness::broker_unavailable("nats", &format!("{error:#}"), &["auth", "interop", "provisioning"])
+            return harness::broker_unavailable(
+                "nats",
+                &format!("{error:#}"),
+                &["auth", "interop", "provisioning", "ownership"],
+            )
         }
     };
-    let (interop_broker, provisioning_broker) = (broker.clone(), broker.clone());
+    let (interop_broker, provisioning_broker, ownership_broker) = (broker.clone(), broker.clone(), broker.clone());
     let extras: Vec<(&'static str, Extra)> = vec![
         ("auth", Box::new(|| Box::pin(nats::auth()))),
         (
@@ -33,6 +38,13 @@ fn main() -> ExitCode {
             Box::new(move || {
                 let broker = provisioning_broker.clone();
                 Box::pin(async move { nats::provisioning(&broker).await })
+            }),
+        ),
+        (
+            "ownership",
+            Box::new(move || {
+                let broker = ownership_broker.clone();
+                Box::pin(async move { nats::ownership(&broker).await })
             }),
         ),
     ];

@@ -18,11 +18,13 @@ use eventbus_core::{
     Health, Metrics, PublishAck, PublishReceipt, PublishResults, Result, SubscribeOptions, Subscription,
     ValidationError,
 };
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::connect::{self, ConnectionEvents};
-use crate::consume;
-use crate::naming::partition_of;
+use crate::consume::{self, Claim};
+use crate::naming::{self, partition_of};
+use crate::ownership;
 use crate::provision::Provisioner;
 
 /// The NATS JetStream backend. See the [crate documentation](crate) for how topics and groups map onto
@@ -43,7 +45,7 @@ struct Inner {
 struct Live {
     client: Client,
     js: async_nats::jetstream::Context,
-    provisioner: Provisioner,
+    provisioner: Arc<Provisioner>,
     ack_timeout: Duration,
 }
 
@@ -63,7 +65,7 @@ impl NatsBus {
             .max_ack_inflight(config.publish.window)
             .backpressure_on_inflight(true)
             .build(client.clone());
-        let provisioner = Provisioner::new(js.clone(), config.nats.clone());
+        let provisioner = Arc::new(Provisioner::new(js.clone(), config.nats.clone()));
         let live = Live { client, js, provisioner, ack_timeout: config.publish.ack_timeout };
         Ok(Self {
             inner: Arc::new(Inner {
@@ -138,6 +140,27 @@ impl Live {
     }
 }
 
+/// The layout where every member pulls from every partition (`nats.max_ack_pending` 1): claims every
+/// partition for good.
+async fn share_every_partition(
+    live: &Live,
+    topic: &str,
+    group: &str,
+    ack_wait: Duration,
+    claims: &mpsc::UnboundedSender<(Arc<Claim>, consume::PartitionStream)>,
+) -> Result<()> {
+    let consumers = live.provisioner.shared_consumers(topic, group, ack_wait).await?;
+    // Each consumer's ack wait as the server holds it rules, whatever the configuration says.
+    let opened = consumers.into_iter().enumerate().map(|(partition, (consumer, ack_wait))| async move {
+        let claim = Claim::new(partition as u16, consumer, ack_wait, true);
+        consume::open(claim.clone()).await.map(|stream| (claim, stream))
+    });
+    for claimed in futures_util::future::try_join_all(opened).await? {
+        let _ = claims.send(claimed);
+    }
+    Ok(())
+}
+
 fn publish_error(error: async_nats::jetstream::context::PublishError) -> Error {
     match error.kind() {
         PublishErrorKind::TimedOut => Error::Broker { message: format!("publish timed out: {error}"), source: None },
@@ -204,15 +227,6 @@ impl EventBus for NatsBus {
             // Provisioned now, so a dead-letter stream that cannot exist fails the subscribe, not a message later.
             live.provisioner.topic(dead_letter_topic).await?;
         }
-        let (consumers, ack_waits): (Vec<_>, Vec<_>) =
-            live.provisioner.consumers(topic, &options.group, ack_wait).await?.into_iter().unzip();
-        // The server's ack wait rules, whatever the configuration says.
-        let ack_wait = ack_waits.into_iter().min().unwrap_or(ack_wait);
-        let opened = futures_util::future::try_join_all(
-            consumers.iter().enumerate().map(|(partition, consumer)| consume::open(partition as u16, consumer.clone())),
-        )
-        .await?;
-
         let capacity = options.max_in_flight.unwrap_or(config.subscribe.max_in_flight);
         let dispatcher =
             Dispatcher::new(topic, capacity, inner.core.counters.clone(), Arc::new(NatsDeadLetters(live.clone())));
@@ -225,10 +239,45 @@ impl EventBus for NatsBus {
             stop.clone(),
             abandoned.clone(),
         );
+        let (claims, claimed) = mpsc::unbounded_channel();
+        if config.nats.max_ack_pending == 1 {
+            share_every_partition(&live, topic, &options.group, ack_wait, &claims).await?;
+        } else {
+            let (leases, ttl) = live.provisioner.leases(ack_wait).await?;
+            let scope = naming::lease_scope(&config.nats.stream_prefix, topic, &options.group);
+            let target = ownership::Target {
+                provisioner: live.provisioner.clone(),
+                topic: topic.to_owned(),
+                group: options.group.clone(),
+                ack_wait,
+                claims,
+                dispatcher: dispatcher.clone(),
+            };
+            let keeper = ownership::Keeper::new(leases, ttl, scope, config.nats.partitions, target);
+            let (ready_tx, ready) = oneshot::channel();
+            control.with_tasks(|tasks| {
+                tasks.spawn(keeper.run(ready_tx, stop.clone()));
+            });
+            // A member that joins a busy group waits for the others to hand over its share, within a bound.
+            match tokio::time::timeout(ttl * 2, ready).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(error))) => {
+                    control.abort();
+                    return Err(error);
+                }
+                Ok(Err(_)) => {
+                    control.abort();
+                    return Err(Error::Closed);
+                }
+                Err(_) => {
+                    tracing::warn!(topic, group = %options.group, "subscribed before holding a fair share of the partitions")
+                }
+            }
+        }
         let topic: Arc<str> = Arc::from(topic);
         control.with_tasks(|tasks| {
             dispatcher.spawn_workers(tasks, handler, settings, stop.clone(), abandoned);
-            tasks.spawn(consume::fetch(topic, consumers, opened, dispatcher.clone(), ack_wait, stop));
+            tasks.spawn(consume::fetch(topic, claimed, dispatcher.clone(), stop));
         });
         control.release_on_close(dispatcher);
         inner.core.subscriptions.register(control)

@@ -1,7 +1,9 @@
-//! The consuming side: one fetch task per subscription merges the pull streams of every partition consumer
-//! and feeds the keyed dispatcher; each delivery carries its JetStream message to ack, terminate or release.
+//! The consuming side: one fetch task per subscription merges the pull streams of the partitions the member
+//! holds and feeds the keyed dispatcher; each delivery carries its JetStream message to ack, terminate or
+//! release, and the claim on its partition.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +15,7 @@ use eventbus_core::wire::{self, WireMessage};
 use eventbus_core::{Error, Result};
 use futures_util::stream::{self, BoxStream, FuturesUnordered, SelectAll, StreamExt};
 use futures_util::FutureExt;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Server heartbeat on idle pull streams: a dead connection is noticed within two of them.
@@ -26,20 +29,58 @@ const HAND_BACK_DELAY: Duration = Duration::from_secs(6);
 /// Wait before re-opening a partition's pull stream that ended.
 const REOPEN_DELAY: Duration = Duration::from_secs(1);
 
-/// What a partition's tagged pull stream yields.
+/// A member's hold on one partition: the partition's consumer, and a token cancelled when the member stops
+/// owning it. Every delivery from the partition keeps the claim, so the member can tell when none is left.
+pub(crate) struct Claim {
+    pub(crate) partition: u16,
+    pub(crate) consumer: PullConsumer,
+    /// Cancelled when the partition passes to another member (or this one closes): its pull stream ends and
+    /// its deliveries not yet handled are skipped, for the new owner to handle.
+    pub(crate) revoked: CancellationToken,
+    /// How often a delivery being handled is reported in progress: a third of the consumer's ack wait, as the
+    /// server holds it.
+    progress_interval: Duration,
+    /// Whether a message handed back at close is released at once (`Nak`), for members that share every
+    /// partition; a partition owner's successor re-creates the consumer at the first unacknowledged message.
+    hand_back: bool,
+    /// Deliveries of this claim not yet settled.
+    unsettled: AtomicUsize,
+}
+
+impl Claim {
+    pub(crate) fn new(partition: u16, consumer: PullConsumer, ack_wait: Duration, hand_back: bool) -> Arc<Self> {
+        Arc::new(Self {
+            partition,
+            consumer,
+            revoked: CancellationToken::new(),
+            progress_interval: ack_wait / 3,
+            hand_back,
+            unsettled: AtomicUsize::new(0),
+        })
+    }
+
+    /// Deliveries of this claim not yet acked, terminated, released or skipped.
+    pub(crate) fn unsettled(&self) -> usize {
+        self.unsettled.load(Ordering::Acquire)
+    }
+}
+
+/// What a partition's pull stream yields.
 // Nearly every item is a message; boxing it would cost an allocation per message to shrink the rare end marker.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Pulled {
-    Message(std::result::Result<jetstream::Message, String>),
-    Ended(u16),
+    Message(std::result::Result<jetstream::Message, String>, Arc<Claim>),
+    Ended(Arc<Claim>),
 }
 
 pub(crate) type PartitionStream = BoxStream<'static, Pulled>;
-type Reopen = Pin<Box<dyn std::future::Future<Output = (u16, Result<PartitionStream>)> + Send>>;
+type Reopen = Pin<Box<dyn std::future::Future<Output = (Arc<Claim>, Result<PartitionStream>)> + Send>>;
 
-/// Opens the pull stream of one partition consumer.
-pub(crate) async fn open(partition: u16, consumer: PullConsumer) -> Result<PartitionStream> {
-    let messages = consumer
+/// Opens the pull stream of a claimed partition; it ends when the claim is revoked.
+pub(crate) async fn open(claim: Arc<Claim>) -> Result<PartitionStream> {
+    let partition = claim.partition;
+    let messages = claim
+        .consumer
         .stream()
         .max_messages_per_batch(16)
         .heartbeat(HEARTBEAT)
@@ -50,36 +91,42 @@ pub(crate) async fn open(partition: u16, consumer: PullConsumer) -> Result<Parti
     // A pull stream that reports an error (missed heartbeats after a broker restart, a failed pull) may have
     // lost its pending pull request on the server and wait for nothing: it ends at its first error, after
     // reporting it, and the fetch loop opens a fresh one.
-    let messages = messages.scan(false, |failed, item| {
-        let next = (!*failed).then(|| Pulled::Message(item.map_err(|e| e.to_string())));
-        *failed = matches!(next, Some(Pulled::Message(Err(_))));
+    let tagged = claim.clone();
+    let messages = messages.scan(false, move |failed, item| {
+        let next = (!*failed).then(|| Pulled::Message(item.map_err(|e| e.to_string()), tagged.clone()));
+        *failed = matches!(next, Some(Pulled::Message(Err(_), _)));
         std::future::ready(next)
     });
-    Ok(messages.chain(stream::once(async move { Pulled::Ended(partition) })).boxed())
+    let revoked = claim.revoked.clone().cancelled_owned();
+    Ok(messages.take_until(revoked).chain(stream::once(async move { Pulled::Ended(claim) })).boxed())
 }
 
-/// Moves messages from every partition to the dispatcher until `stop`; re-opens a partition whose stream ends
-/// (for example after its consumer was deleted and re-created).
+/// Moves messages from every claimed partition to the dispatcher until `stop`. Claims arrive on `claims`
+/// with their opened streams; a stream that ends while its claim holds is re-opened (for example after its
+/// consumer was deleted and re-created).
 pub(crate) async fn fetch(
     topic: Arc<str>,
-    consumers: Vec<PullConsumer>,
-    opened: Vec<PartitionStream>,
+    mut claims: mpsc::UnboundedReceiver<(Arc<Claim>, PartitionStream)>,
     dispatcher: Dispatcher,
-    ack_wait: Duration,
     stop: CancellationToken,
 ) {
-    let mut streams: SelectAll<PartitionStream> = opened.into_iter().collect();
+    let mut streams: SelectAll<PartitionStream> = SelectAll::new();
     let mut reopening: FuturesUnordered<Reopen> = FuturesUnordered::new();
     loop {
         let pulled = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            Some((partition, reopened)) = reopening.next(), if !reopening.is_empty() => {
+            Some((_, stream)) = claims.recv() => {
+                streams.push(stream);
+                continue;
+            }
+            Some((claim, reopened)) = reopening.next(), if !reopening.is_empty() => {
                 match reopened {
                     Ok(stream) => streams.push(stream),
+                    Err(_) if claim.revoked.is_cancelled() => {}
                     Err(error) => {
-                        tracing::warn!(%topic, partition, %error, "re-opening a partition failed; retrying");
-                        reopening.push(reopen(partition, consumers[usize::from(partition)].clone()));
+                        tracing::warn!(%topic, partition = claim.partition, %error, "re-opening a partition failed; retrying");
+                        reopening.push(reopen(claim));
                     }
                 }
                 continue;
@@ -87,8 +134,8 @@ pub(crate) async fn fetch(
             Some(pulled) = streams.next(), if !streams.is_empty() => pulled,
         };
         match pulled {
-            Pulled::Message(Ok(message)) => {
-                let delivery = delivery(message, ack_wait / 3);
+            Pulled::Message(Ok(message), claim) => {
+                let delivery = delivery(message, claim);
                 let slot = tokio::select! {
                     biased;
                     _ = stop.cancelled() => {
@@ -100,31 +147,35 @@ pub(crate) async fn fetch(
                 dispatcher.push(slot, delivery);
             }
             // Missed heartbeats and failed pulls are reported by the stream and recovered by it.
-            Pulled::Message(Err(error)) => tracing::warn!(%topic, %error, "pull stream failed; re-opening it"),
-            Pulled::Ended(partition) => {
-                tracing::debug!(%topic, partition, "pull stream ended; re-opening it");
-                reopening.push(reopen(partition, consumers[usize::from(partition)].clone()));
+            Pulled::Message(Err(error), _) => tracing::warn!(%topic, %error, "pull stream failed; re-opening it"),
+            Pulled::Ended(claim) if claim.revoked.is_cancelled() => {
+                tracing::debug!(%topic, partition = claim.partition, "stopped pulling from a partition no longer owned");
+            }
+            Pulled::Ended(claim) => {
+                tracing::debug!(%topic, partition = claim.partition, "pull stream ended; re-opening it");
+                reopening.push(reopen(claim));
             }
         }
     }
     // Messages the client already received for this subscription go back to the group too.
     while let Some(Some(pulled)) = streams.next().now_or_never() {
-        if let Pulled::Message(Ok(message)) = pulled {
-            delivery(message, ack_wait / 3).acker.release().await;
+        if let Pulled::Message(Ok(message), claim) = pulled {
+            delivery(message, claim).acker.release().await;
         }
     }
 }
 
-fn reopen(partition: u16, consumer: PullConsumer) -> Reopen {
+fn reopen(claim: Arc<Claim>) -> Reopen {
     async move {
         tokio::time::sleep(REOPEN_DELAY).await;
-        (partition, open(partition, consumer).await)
+        let opened = open(claim.clone()).await;
+        (claim, opened)
     }
     .boxed()
 }
 
 /// Decodes a JetStream message into a delivery; what cannot be decoded is kept raw for the dead-letter topic.
-pub(crate) fn delivery(message: jetstream::Message, progress_interval: Duration) -> Delivery {
+pub(crate) fn delivery(message: jetstream::Message, claim: Arc<Claim>) -> Delivery {
     let decoded = {
         let headers: Vec<(&str, &str)> = message
             .headers
@@ -139,7 +190,8 @@ pub(crate) fn delivery(message: jetstream::Message, progress_interval: Duration)
         Ok(envelope) => Message::Event(Arc::new(envelope)),
         Err((error, wire)) => Message::Undecodable { wire, error },
     };
-    Delivery { message: message_kind, acker: Box::new(NatsAcker { message, progress_interval }) }
+    claim.unsettled.fetch_add(1, Ordering::AcqRel);
+    Delivery { message: message_kind, acker: Box::new(NatsAcker { message, claim }) }
 }
 
 fn raw(headers: &[(&str, &str)], payload: &bytes::Bytes) -> WireMessage {
@@ -152,8 +204,7 @@ fn raw(headers: &[(&str, &str)], payload: &bytes::Bytes) -> WireMessage {
 /// Acknowledges one JetStream message.
 struct NatsAcker {
     message: jetstream::Message,
-    /// A third of the consumer's ack wait.
-    progress_interval: Duration,
+    claim: Arc<Claim>,
 }
 
 #[async_trait]
@@ -178,9 +229,13 @@ impl Acker for NatsAcker {
             .map_err(|e| Error::Broker { message: format!("term failed: {e}"), source: None })
     }
 
-    /// Unhandled at close: `Nak` lets the server hand it to another member once this subscription's pull
-    /// requests have expired, instead of after the full ack wait.
+    /// Unhandled at close. Members that share every partition `Nak` it, so the server hands it to another
+    /// member once this subscription's pull requests have expired, instead of after the full ack wait. A
+    /// partition owner leaves it: the next owner re-creates the consumer at the first unacknowledged message.
     async fn release(self: Box<Self>) {
+        if !self.claim.hand_back {
+            return;
+        }
         if let Ok(info) = self.message.info() {
             tracing::trace!(
                 consumer = info.consumer,
@@ -194,8 +249,13 @@ impl Acker for NatsAcker {
         }
     }
 
+    /// False once the partition passed to another member: the delivery is skipped, for the new owner.
+    fn is_current(&self) -> bool {
+        !self.claim.revoked.is_cancelled()
+    }
+
     fn progress_interval(&self) -> Option<Duration> {
-        Some(self.progress_interval)
+        Some(self.claim.progress_interval)
     }
 
     /// Still handled or retried: restart the server's ack-wait timer.
@@ -203,5 +263,11 @@ impl Acker for NatsAcker {
         if let Err(error) = self.message.ack_with(AckKind::Progress).await {
             tracing::debug!(%error, "in-progress notice failed");
         }
+    }
+}
+
+impl Drop for NatsAcker {
+    fn drop(&mut self) {
+        self.claim.unsettled.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -5,17 +5,19 @@
 //! `nats.partitions` (16 by default). Messages carry the envelope's metadata as headers and the payload as the
 //! raw body, plus `Nats-Msg-Id` = event id, so the stream drops a re-send within its duplicate window.
 //!
-//! A consumer group is one durable pull consumer per partition, each allowed a single unacknowledged message
-//! (`max_ack_pending = 1`). A partition is therefore handled by one member of the group at a time, in stream
-//! order, however many members the group has and whichever of them fetches it — which keeps every
-//! aggregate's order across members — while the partitions of a topic are handled in parallel. The price is
-//! that aggregates sharing a partition wait for each other: raise `nats.partitions` for more parallelism.
+//! A consumer group is one durable pull consumer per partition, and a partition is pulled by one member of the
+//! group at a time, which keeps every aggregate's order across members while the partitions are spread over
+//! them. By default each member owns a fair share of the partitions through leases in a key-value bucket and
+//! pulls up to `nats.max_ack_pending` (64) unacknowledged messages from each; a member taking over a partition
+//! whose previous owner left messages unacknowledged re-creates its consumer at the first of them, so no event
+//! overtakes an earlier one. With `nats.max_ack_pending = 1` there are no leases: every member pulls from every
+//! partition and the server hands out one message of a partition at a time. `docs/nats.md` has the details.
 //!
 //! Publishing goes through one JetStream context whose in-flight limit equals the bus's window; one collector
 //! task settles the acks. While a message is handled or retried in place, the bus tells the server it is in
 //! progress every third of the consumer's ack wait, so the server never redelivers work that is still going
 //! on; messages that are dead-lettered are terminated (`Term`), and messages a closing subscription fetched but
-//! did not handle are handed back (`Nak`, delayed until the closing member's pending pull requests expired).
+//! did not handle are left to the partition's next owner.
 //!
 //! ```no_run
 //! use eventbus_core::{BusConfig, Envelope, EventBus, EventBusExt, SubscribeOptions};
@@ -41,6 +43,7 @@ mod bus;
 mod connect;
 mod consume;
 pub mod naming;
+mod ownership;
 mod provision;
 
 pub use bus::NatsBus;

@@ -5,6 +5,8 @@
 //! | topic `t` | stream `<stream_prefix>_<escaped t>` over subjects `<subject_prefix>.t.*` |
 //! | event of aggregate `a` | subject `<subject_prefix>.t.<partition_of(a)>` |
 //! | group `g`, partition `p` | durable pull consumer `<escaped g>_<p>` filtered on `<subject_prefix>.t.<p>` |
+//! | member of `g` on `t` | key `<stream of t>.<escaped g>.members.<member id>` in bucket `<stream_prefix>_LEASES` |
+//! | lease of partition `p` | key `<stream of t>.<escaped g>.partitions.<p>` in the same bucket, valued the owner's id |
 //!
 //! Stream and consumer names may not hold `.`; the escape keeps the mapping one-to-one: `_` becomes `__` and
 //! `.` becomes `_-`, every other allowed character stays.
@@ -35,6 +37,16 @@ pub fn stream_subjects(subject_prefix: &str, topic: &str) -> String {
 /// The durable consumer of `group` for one partition.
 pub fn durable_name(group: &str, partition: u16) -> String {
     format!("{}_{partition}", escape(group))
+}
+
+/// The key-value bucket of partition leases.
+pub fn lease_bucket(stream_prefix: &str) -> String {
+    format!("{stream_prefix}_LEASES")
+}
+
+/// The lease bucket's key prefix of `group`'s members and leases on `topic`.
+pub fn lease_scope(stream_prefix: &str, topic: &str, group: &str) -> String {
+    format!("{}.{}", stream_name(stream_prefix, topic), escape(group))
 }
 
 fn escape(name: &str) -> String {

@@ -5,10 +5,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
-use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
+use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind, KeyValueErrorKind};
 use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
-use async_nats::jetstream::Context;
 use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::{kv, Context};
 use eventbus_core::config::{NatsConfig, Provisioning, RetentionKind, StorageKind};
 use eventbus_core::{Error, Result};
 
@@ -27,15 +27,20 @@ pub(crate) struct Provisioner {
     js: Context,
     config: NatsConfig,
     topics: RwLock<HashMap<String, Arc<Topic>>>,
+    leases: tokio::sync::OnceCell<(kv::Store, Duration)>,
 }
 
 impl Provisioner {
     pub(crate) fn new(js: Context, config: NatsConfig) -> Self {
-        Self { js, config, topics: RwLock::new(HashMap::new()) }
+        Self { js, config, topics: RwLock::new(HashMap::new()), leases: tokio::sync::OnceCell::new() }
     }
 
     pub(crate) fn partitions(&self) -> u16 {
         self.config.partitions
+    }
+
+    pub(crate) fn config(&self) -> &NatsConfig {
+        &self.config
     }
 
     /// The topic, its stream created or checked on first use.
@@ -107,71 +112,199 @@ impl Provisioner {
         }
     }
 
-    /// One durable pull consumer of `group` per partition of `topic`, each allowed one unacknowledged
-    /// message, so a partition is handled by one member of the group at a time. Returns each consumer with the
-    /// ack wait the server holds for it.
-    pub(crate) async fn consumers(
+    /// The durable consumer of `group` for one partition of `topic`, as the bus creates it.
+    fn desired_consumer(&self, topic: &str, group: &str, partition: u16, ack_wait: Duration) -> pull::Config {
+        pull::Config {
+            durable_name: Some(naming::durable_name(group, partition)),
+            filter_subject: naming::subject(&self.config.subject_prefix, topic, partition),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait,
+            max_ack_pending: i64::from(self.config.max_ack_pending),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        }
+    }
+
+    async fn stream(&self, topic: &str) -> Result<stream::Stream> {
+        self.topic(topic).await?;
+        let stream_name = naming::stream_name(&self.config.stream_prefix, topic);
+        within(self.config.request_timeout, &format!("stream {stream_name}"), self.js.get_stream(&stream_name)).await
+    }
+
+    /// Every partition's consumer of `group`, for the layout where every member pulls from every partition
+    /// (`max_ack_pending` 1). Returns each consumer with the ack wait the server holds for it.
+    pub(crate) async fn shared_consumers(
         &self,
         topic: &str,
         group: &str,
         ack_wait: Duration,
     ) -> Result<Vec<(PullConsumer, Duration)>> {
-        self.topic(topic).await?;
-        let stream_name = naming::stream_name(&self.config.stream_prefix, topic);
-        let timeout = self.config.request_timeout;
-        let stream = within(timeout, &format!("stream {stream_name}"), self.js.get_stream(&stream_name)).await?;
+        let stream = self.stream(topic).await?;
         let wanted = (0..self.config.partitions).map(|partition| {
-            let name = naming::durable_name(group, partition);
-            let desired = pull::Config {
-                durable_name: Some(name.clone()),
-                filter_subject: naming::subject(&self.config.subject_prefix, topic, partition),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait,
-                max_ack_pending: 1,
-                deliver_policy: DeliverPolicy::All,
-                ..Default::default()
-            };
-            let (stream, stream_name) = (&stream, &stream_name);
+            let desired = self.desired_consumer(topic, group, partition, ack_wait);
+            let stream = &stream;
             async move {
-                let what = format!("consumer {name} of stream {stream_name}");
-                let mut consumer: PullConsumer = match self.config.provisioning {
-                    Provisioning::ValidateOnly => {
-                        match tokio::time::timeout(timeout, stream.consumer_info(&name)).await {
-                            Ok(Ok(_)) => {}
-                            Ok(Err(error)) if error.kind() == ConsumerInfoErrorKind::NotFound => {
-                                return Err(missing(what))
-                            }
-                            Ok(Err(error)) => return Err(failed(&what, error)),
-                            Err(_) => return Err(timed_out(&what, timeout)),
-                        }
-                        within(timeout, &what, stream.get_consumer(&name)).await?
-                    }
-                    Provisioning::CreateOrUpdate => {
-                        within(timeout, &what, stream.create_consumer(desired.clone())).await?
-                    }
-                    _ => within(timeout, &what, stream.get_or_create_consumer(&name, desired.clone())).await?,
-                };
-                let actual = within(timeout, &what, consumer.info()).await?.config.clone();
-                // An existing consumer with other settings would silently lose the order across members.
-                let differences = [
-                    (actual.max_ack_pending != 1)
-                        .then(|| format!("max_ack_pending is {}, the bus needs 1", actual.max_ack_pending)),
-                    (actual.filter_subject != desired.filter_subject).then(|| {
-                        format!(
-                            "filter_subject is {:?}, the bus needs {:?}",
-                            actual.filter_subject, desired.filter_subject
-                        )
-                    }),
-                    (actual.ack_policy != AckPolicy::Explicit).then(|| "ack_policy is not explicit".to_owned()),
-                ];
-                let differences: Vec<String> = differences.into_iter().flatten().collect();
-                if !differences.is_empty() {
-                    return Err(Error::Mismatch { what, detail: differences.join("; ") });
-                }
-                Ok((consumer, actual.ack_wait))
+                let (consumer, info) = self.consumer(stream, desired).await?;
+                Ok((consumer, info.config.ack_wait))
             }
         });
         futures_util::future::try_join_all(wanted).await
+    }
+
+    /// Takes over one partition's consumer for a member that has just leased the partition. When the previous
+    /// owner left messages unacknowledged (it died, or released the partition with messages still in its
+    /// client's buffer) or pull requests waiting, the consumer is re-created at the first unacknowledged
+    /// message: the server would otherwise deliver newer messages before redelivering those, and a pull request
+    /// of the previous owner could still take one. Acknowledged messages after that point come again
+    /// (at-least-once); none is skipped.
+    pub(crate) async fn take_over(
+        &self,
+        topic: &str,
+        group: &str,
+        partition: u16,
+        ack_wait: Duration,
+    ) -> Result<(PullConsumer, Duration)> {
+        let stream = self.stream(topic).await?;
+        let desired = self.desired_consumer(topic, group, partition, ack_wait);
+        let (consumer, info) = self.consumer(&stream, desired.clone()).await?;
+        if info.num_ack_pending == 0 && info.num_waiting == 0 {
+            return Ok((consumer, info.config.ack_wait));
+        }
+        let timeout = self.config.request_timeout;
+        let name = info.name.clone();
+        let start = DeliverPolicy::ByStartSequence { start_sequence: info.ack_floor.stream_sequence + 1 };
+        tracing::debug!(
+            consumer = %name,
+            unacknowledged = info.num_ack_pending,
+            waiting = info.num_waiting,
+            from = info.ack_floor.stream_sequence + 1,
+            "re-creating a partition consumer taken over from another member"
+        );
+        // Under interest retention, deleting the consumer would drop the messages only it still wanted: a
+        // stand-in at the same position keeps them until the replacement exists. It expires on its own if this
+        // member dies half-way.
+        let stand_in = pull::Config {
+            durable_name: Some(format!("{name}_handover")),
+            deliver_policy: start,
+            inactive_threshold: Duration::from_secs(60),
+            ..desired.clone()
+        };
+        let stand_in_name = format!("{name}_handover");
+        let what = format!("consumer {name} (taking over partition {partition})");
+        within(timeout, &what, stream.create_consumer(stand_in)).await?;
+        within(timeout, &what, stream.delete_consumer(&name)).await?;
+        let replacement = pull::Config {
+            deliver_policy: start,
+            ack_wait: info.config.ack_wait,
+            max_ack_pending: info.config.max_ack_pending,
+            ..desired
+        };
+        let consumer: PullConsumer = within(timeout, &what, stream.create_consumer(replacement)).await?;
+        within(timeout, &what, stream.delete_consumer(&stand_in_name)).await?;
+        Ok((consumer, info.config.ack_wait))
+    }
+
+    /// One partition's consumer, created or checked per the provisioning strategy, with its state.
+    async fn consumer(
+        &self,
+        stream: &stream::Stream,
+        desired: pull::Config,
+    ) -> Result<(PullConsumer, async_nats::jetstream::consumer::Info)> {
+        let timeout = self.config.request_timeout;
+        let name = desired.durable_name.clone().unwrap_or_default();
+        let what = format!("consumer {name} of stream {}", stream.cached_info().config.name);
+        let mut consumer: PullConsumer = match self.config.provisioning {
+            Provisioning::ValidateOnly => {
+                match tokio::time::timeout(timeout, stream.consumer_info(&name)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) if error.kind() == ConsumerInfoErrorKind::NotFound => return Err(missing(what)),
+                    Ok(Err(error)) => return Err(failed(&what, error)),
+                    Err(_) => return Err(timed_out(&what, timeout)),
+                }
+                within(timeout, &what, stream.get_consumer(&name)).await?
+            }
+            Provisioning::CreateOrUpdate => {
+                // The server cannot change where a consumer starts, and one taken over from another member
+                // starts at its first unacknowledged message: the update keeps that.
+                let mut update = desired.clone();
+                if let Ok(Ok(info)) = tokio::time::timeout(timeout, stream.consumer_info(&name)).await {
+                    update.deliver_policy = info.config.deliver_policy;
+                }
+                within(timeout, &what, stream.create_consumer(update)).await?
+            }
+            _ => within(timeout, &what, stream.get_or_create_consumer(&name, desired.clone())).await?,
+        };
+        let info = within(timeout, &what, consumer.info()).await?.clone();
+        let actual = &info.config;
+        // An existing consumer with other settings would silently lose the order across members. Partition
+        // owners keep the order whatever its `max_ack_pending`; members that share every partition need 1.
+        let differences = [
+            (self.config.max_ack_pending == 1 && actual.max_ack_pending != 1).then(|| {
+                format!(
+                    "max_ack_pending is {}, and nats.max_ack_pending 1 needs 1 (every member pulls from every \
+                     partition)",
+                    actual.max_ack_pending
+                )
+            }),
+            (actual.filter_subject != desired.filter_subject).then(|| {
+                format!("filter_subject is {:?}, the bus needs {:?}", actual.filter_subject, desired.filter_subject)
+            }),
+            (actual.ack_policy != AckPolicy::Explicit).then(|| "ack_policy is not explicit".to_owned()),
+        ];
+        let differences: Vec<String> = differences.into_iter().flatten().collect();
+        if !differences.is_empty() {
+            return Err(Error::Mismatch { what, detail: differences.join("; ") });
+        }
+        Ok((consumer, info))
+    }
+
+    /// The bucket of partition leases and the lifetime of its entries. Created on first use (entries live
+    /// `ack_wait`), except under `validate-only`; a bucket that exists keeps its own lifetime.
+    pub(crate) async fn leases(&self, ack_wait: Duration) -> Result<(kv::Store, Duration)> {
+        let leases = self
+            .leases
+            .get_or_try_init(|| async {
+                let bucket = naming::lease_bucket(&self.config.stream_prefix);
+                let what = format!("lease bucket {bucket}");
+                let timeout = self.config.request_timeout;
+                let store = match tokio::time::timeout(timeout, self.js.get_key_value(bucket.as_str())).await {
+                    Ok(Ok(store)) => store,
+                    Ok(Err(error)) if self.config.provisioning == Provisioning::ValidateOnly => {
+                        return Err(match error.kind() {
+                            KeyValueErrorKind::GetBucket => missing(what),
+                            _ => failed(&what, error),
+                        });
+                    }
+                    Ok(Err(_)) => {
+                        // The stream a key-value bucket is made of, created directly: the client's own bucket
+                        // creation first asks for account details that servers before 2.10 describe otherwise.
+                        let config = stream::Config {
+                            name: format!("KV_{bucket}"),
+                            description: Some("partition leases of eventbus consumer groups".into()),
+                            subjects: vec![format!("$KV.{bucket}.>")],
+                            max_messages_per_subject: 1,
+                            max_age: ack_wait,
+                            storage: StorageType::File,
+                            num_replicas: usize::from(self.config.stream.replicas.max(1)),
+                            allow_rollup: true,
+                            deny_delete: true,
+                            allow_direct: true,
+                            discard: stream::DiscardPolicy::New,
+                            ..Default::default()
+                        };
+                        // Another member may create it first, perhaps with another lifetime: that one stays.
+                        if let Err(error) = within(timeout, &what, self.js.get_or_create_stream(config)).await {
+                            tracing::debug!(%error, "creating the lease bucket failed; reading it");
+                        }
+                        within(timeout, &what, self.js.get_key_value(bucket.as_str())).await?
+                    }
+                    Err(_) => return Err(timed_out(&what, timeout)),
+                };
+                let lifetime = within(timeout, &what, store.status()).await?.max_age();
+                Ok::<_, Error>((store, lifetime))
+            })
+            .await?;
+        Ok(leases.clone())
     }
 }
 
@@ -180,7 +313,7 @@ fn missing(what: String) -> Error {
 }
 
 /// Runs a management request under the request deadline, turning every failure into a bus error.
-async fn within<T, E: Into<Box<dyn std::error::Error + Send + Sync>>>(
+pub(crate) async fn within<T, E: Into<Box<dyn std::error::Error + Send + Sync>>>(
     timeout: Duration,
     what: &str,
     request: impl std::future::IntoFuture<Output = std::result::Result<T, E>>,
@@ -192,12 +325,12 @@ async fn within<T, E: Into<Box<dyn std::error::Error + Send + Sync>>>(
     }
 }
 
-fn failed(what: &str, error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+pub(crate) fn failed(what: &str, error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
     let error: Box<dyn std::error::Error + Send + Sync> = error.into();
     Error::Broker { message: format!("{what}: {error}"), source: Some(Arc::from(error)) }
 }
 
-fn timed_out(what: &str, timeout: Duration) -> Error {
+pub(crate) fn timed_out(what: &str, timeout: Duration) -> Error {
     Error::Broker { message: format!("{what}: no answer within {timeout:?} (nats.request_timeout)"), source: None }
 }
 

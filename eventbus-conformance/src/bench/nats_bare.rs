@@ -4,8 +4,8 @@
 //! One file-storage stream per topic. With [`Layout::PerTopic`], one durable pull consumer per stream
 //! (explicit acks, the server's default of 1000 unacked messages): the broker's own pace. With
 //! [`Layout::PerPartition`], the bus's consumer layout without the bus: events go to one subject per
-//! partition, and each partition has its own filtered durable consumer allowed one unacked message, which is
-//! what keeps an aggregate's order across the members of a group on NATS 2.9. Either way one consuming task
+//! partition, and each partition has its own filtered durable consumer allowed as many unacked messages as the
+//! bus's (`nats.max_ack_pending`), as a partition's owner pulls them. Either way one consuming task
 //! per consumer decodes, records and acks each message. Publishers send with the same headers as the bus
 //! (`Nats-Msg-Id` included, for the server's de-duplication) and hand each ack future to one collector task
 //! (`bench/acks.rs`); at most the bus's publish window of them are in flight.
@@ -31,8 +31,13 @@ use crate::probe::Sampler;
 pub enum Layout {
     /// One consumer per topic, with the server's default of 1000 unacked messages.
     PerTopic,
-    /// This many partitions per topic, each with its own consumer allowed one unacked message, as the bus.
-    PerPartition(u16),
+    /// Partitions per topic, each with its own consumer, allowed `max_ack_pending` unacked messages, as the bus.
+    PerPartition {
+        /// Partitions per topic (`nats.partitions`).
+        partitions: u16,
+        /// Unacked messages per partition consumer (`nats.max_ack_pending`).
+        max_ack_pending: u32,
+    },
 }
 
 impl Layout {
@@ -40,7 +45,7 @@ impl Layout {
     pub fn client(self) -> Client {
         match self {
             Layout::PerTopic => Client::Bare,
-            Layout::PerPartition(_) => Client::BareOrdered,
+            Layout::PerPartition { .. } => Client::BareOrdered,
         }
     }
 }
@@ -58,9 +63,11 @@ pub async fn run(
     let js = jetstream::new(client.clone());
     let workload = workload(layout.client(), level, payload);
     // Subject of each partition of a topic; a single one, the topic itself, without partitions.
-    let partitions = match layout {
-        Layout::PerTopic => None,
-        Layout::PerPartition(count) => Some(usize::from(count.max(1))),
+    let (partitions, max_ack_pending) = match layout {
+        Layout::PerTopic => (None, 0),
+        Layout::PerPartition { partitions, max_ack_pending } => {
+            (Some(usize::from(partitions.max(1))), i64::from(max_ack_pending))
+        }
     };
     let subject = move |topic: &str, partition: usize| match partitions {
         None => topic.to_owned(),
@@ -92,7 +99,7 @@ pub async fn run(
                     durable_name: Some(format!("bench-{partition}")),
                     filter_subject: subject(topic, partition),
                     ack_policy: consumer::AckPolicy::Explicit,
-                    max_ack_pending: 1,
+                    max_ack_pending,
                     ..Default::default()
                 },
             };

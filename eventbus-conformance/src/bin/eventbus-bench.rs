@@ -1,7 +1,7 @@
 //! `eventbus-bench`: the seed's workload levels, measured end to end through the bus and, with `--raw`,
 //! through the bare broker client on the same broker in the same invocation (for NATS twice: with one consumer
-//! per topic, the broker's own pace, and as `bare-ordered` with the bus's consumer per partition allowed one
-//! unacked message, the broker's pace under the bus's ordering).
+//! per topic, the broker's own pace, and as `bare-ordered` with the bus's consumer per partition allowed
+//! `nats.max_ack_pending` unacked messages, the broker's pace under the bus's ordering).
 //!
 //! ```text
 //! eventbus-bench --backend memory --level all
@@ -303,7 +303,17 @@ async fn bare_runs(
         // consumer layout, to show the broker's pace under the bus's ordering.
         "nats" => vec![
             nats_bare::run(url, level, payload, window, Layout::PerTopic).await?,
-            nats_bare::run(url, level, payload, window, Layout::PerPartition(config.nats.partitions)).await?,
+            nats_bare::run(
+                url,
+                level,
+                payload,
+                window,
+                Layout::PerPartition {
+                    partitions: config.nats.partitions,
+                    max_ack_pending: config.nats.max_ack_pending,
+                },
+            )
+            .await?,
         ],
         "kafka" => vec![kafka_bare::run(url.trim_start_matches("kafka://"), level, payload, config).await?],
         _ => Vec::new(),

@@ -138,6 +138,9 @@ impl BusConfig {
                 "nats.stream.duplicate_window must be greater than zero and not above nats.stream.max_age".into(),
             ));
         }
+        if self.nats.max_ack_pending == 0 {
+            return Err(Error::Config("nats.max_ack_pending must be at least 1".into()));
+        }
         if self.nats.ack_wait < Duration::from_secs(1) {
             return Err(Error::Config("nats.ack_wait must be at least 1s".into()));
         }

@@ -12,9 +12,11 @@ use super::Secret;
 ///
 /// Each topic is one JetStream stream (`<stream_prefix>_<topic>`) over the subjects
 /// `<subject_prefix>.<topic>.<partition>`; an event's partition is a hash of its aggregate id. A consumer group
-/// is one durable pull consumer per partition, each allowed one unacknowledged message at a time, so every
-/// partition — and with it every aggregate — is handled by one member of the group at a time, in order, however
-/// many members the group has.
+/// is one durable pull consumer per partition. Each partition — and with it every aggregate — is handled by one
+/// member of the group at a time, in order, however many members the group has: by default each member owns a
+/// fair share of the partitions through leases in a key-value bucket and pulls many messages of them at once;
+/// with [`max_ack_pending`](Self::max_ack_pending) `1`, every member pulls from every partition, one message at a
+/// time.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
@@ -51,6 +53,18 @@ pub struct NatsConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub ack_wait: Duration,
+    /// Messages of one partition a member may hold unacknowledged (the partition consumers' `max_ack_pending`).
+    ///
+    /// Above 1, each partition is owned by one member of the group at a time: members hold leases in the
+    /// key-value bucket `<stream_prefix>_LEASES` (entries live `ack_wait`), share the partitions fairly, and a
+    /// member that takes over a partition its previous owner left with unacknowledged messages re-creates the
+    /// partition's consumer at the first of them, so no event overtakes an earlier one of its aggregate. A
+    /// member that dies without closing leaves its partitions to the others after `ack_wait`.
+    ///
+    /// `1` needs no bucket: every member pulls from every partition and the server hands out one message of a
+    /// partition at a time, which caps a partition at one message per ack round trip. Every member of a group
+    /// must use the same value.
+    pub max_ack_pending: u32,
     /// How streams and consumers are created or checked.
     pub provisioning: Provisioning,
     /// Settings of the streams the bus creates (and checks, under `validate-only`).
@@ -71,6 +85,7 @@ impl Default for NatsConfig {
             stream_prefix: "EVENTBUS".to_owned(),
             partitions: 16,
             ack_wait: Duration::from_secs(10),
+            max_ack_pending: 64,
             provisioning: Provisioning::default(),
             stream: NatsStreamConfig::default(),
         }
