@@ -14,6 +14,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -264,27 +265,34 @@ impl Dispatcher {
 /// Tells the broker at the acker's interval that a delivery is still being worked on, across every handler
 /// call and backoff of that delivery.
 struct KeepAlive {
+    every: Option<Duration>,
+    /// Started at the first piece of work that does not finish at once: most handler calls do, and need no
+    /// timer.
     ticks: Option<tokio::time::Interval>,
 }
 
 impl KeepAlive {
     fn new(acker: &dyn Acker) -> Self {
-        let ticks = acker.progress_interval().map(|every| {
-            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticks
-        });
-        Self { ticks }
+        Self { every: acker.progress_interval(), ticks: None }
     }
 
     /// Runs `work`, sending progress notices while it runs.
     async fn run<F: Future>(&mut self, acker: &dyn Acker, work: F) -> F::Output {
-        let Some(ticks) = &mut self.ticks else {
+        let Some(every) = self.every else {
             return work.await;
         };
         tokio::pin!(work);
+        if let Poll::Ready(output) = futures_util::poll!(work.as_mut()) {
+            return output;
+        }
+        let ticks = self.ticks.get_or_insert_with(|| {
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks
+        });
         loop {
             tokio::select! {
+                biased;
                 output = &mut work => return output,
                 _ = ticks.tick() => acker.in_progress().await,
             }

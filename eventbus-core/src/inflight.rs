@@ -5,10 +5,11 @@
 //! its `ack_timeout`, settles the receipts and frees the slots. No task is spawned per message, and publishers
 //! never hold a lock while they wait.
 
-use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -43,6 +44,22 @@ struct Pending {
 
 type AckFuture = BoxFuture<'static, Result<PublishAck>>;
 
+/// A publish awaiting its ack (under its deadline), as the collector drives it. It keeps its [`Pending`] so
+/// the collector needs no lookup to settle it, and gives it up when the collector gives up.
+struct Settling {
+    pending: Option<Pending>,
+    ack: AckFuture,
+}
+
+impl Future for Settling {
+    type Output = (Option<Pending>, Result<PublishAck>);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let result = std::task::ready!(self.ack.as_mut().poll(cx));
+        Poll::Ready((self.pending.take(), result))
+    }
+}
+
 /// The in-flight window of one bus. Backends call [`reserve`](Self::reserve), send, then
 /// [`submit`](Self::submit) the ack future.
 #[derive(Debug)]
@@ -54,7 +71,7 @@ pub struct PublishWindow {
     closed: AtomicBool,
     /// Publishes in flight when close began (the semaphore cannot tell once close holds the free slots).
     pending_at_close: AtomicU64,
-    pending: mpsc::UnboundedSender<(Pending, AckFuture)>,
+    pending: mpsc::UnboundedSender<Settling>,
     results: Option<mpsc::Sender<PublishResult>>,
     results_receiver: std::sync::Mutex<Option<PublishResults>>,
     give_up: CancellationToken,
@@ -131,7 +148,12 @@ impl PublishWindow {
         F: Future<Output = Result<PublishAck>> + Send + 'static,
     {
         let aggregate_id = self.results.as_ref().map(|_| aggregate_id.to_owned());
-        let mut ack = ack.boxed();
+        let ack_timeout = self.ack_timeout;
+        // One box for the ack and its deadline; polling it once here does not start a timer when the ack is
+        // already there.
+        let mut ack: AckFuture =
+            async move { tokio::time::timeout(ack_timeout, ack).await.unwrap_or(Err(Error::AckTimeout(ack_timeout))) }
+                .boxed();
         if let Some(result) = (&mut ack).now_or_never() {
             record(&self.counters, &result);
             if let (Some(results), Some(aggregate_id)) = (&self.results, aggregate_id) {
@@ -146,16 +168,12 @@ impl PublishWindow {
         }
         let (reply, receiver) = oneshot::channel();
         let pending = Pending { event_id, topic: topic.clone(), aggregate_id, reply, _slot: slot };
-        let ack_timeout = self.ack_timeout;
-        let ack = tokio::time::timeout(ack_timeout, ack)
-            .map(move |r| r.unwrap_or(Err(Error::AckTimeout(ack_timeout))))
-            .boxed();
-        match self.pending.send((pending, ack)) {
+        match self.pending.send(Settling { pending: Some(pending), ack }) {
             Ok(()) => PublishReceipt::pending(event_id, receiver),
             // The collector is gone: close() gave up on pending acks while this one was being sent.
-            Err(mpsc::error::SendError((pending, _))) => {
+            Err(mpsc::error::SendError(settling)) => {
                 bump(&self.counters.publish_failed);
-                drop(pending);
+                drop(settling);
                 PublishReceipt::settled(event_id, Err(Error::ClosedBeforeAck))
             }
         }
@@ -221,7 +239,7 @@ impl Drop for PublishWindow {
 }
 
 struct Collector {
-    receiver: mpsc::UnboundedReceiver<(Pending, AckFuture)>,
+    receiver: mpsc::UnboundedReceiver<Settling>,
     results: Option<mpsc::Sender<PublishResult>>,
     counters: Arc<Counters>,
 }
@@ -229,32 +247,23 @@ struct Collector {
 impl Collector {
     /// Drives every pending ack until told to give up; returns the ids it gave up on.
     async fn run(mut self, give_up: CancellationToken) -> Vec<EventId> {
-        let mut waiting: HashMap<u64, Pending> = HashMap::new();
-        let mut acks = FuturesUnordered::new();
-        let mut next_key = 0u64;
+        let mut acks: FuturesUnordered<Settling> = FuturesUnordered::new();
         loop {
             tokio::select! {
                 biased;
                 _ = give_up.cancelled() => break,
-                Some((pending, ack)) = self.receiver.recv() => {
-                    let key = next_key;
-                    next_key += 1;
-                    waiting.insert(key, pending);
-                    acks.push(ack.map(move |result| (key, result)));
-                }
-                Some((key, result)) = acks.next(), if !acks.is_empty() => {
-                    if let Some(pending) = waiting.remove(&key) {
-                        self.settle(pending, result, &give_up).await;
-                    }
+                Some(settling) = self.receiver.recv() => acks.push(settling),
+                Some((Some(pending), result)) = acks.next(), if !acks.is_empty() => {
+                    self.settle(pending, result, &give_up).await;
                 }
             }
         }
         // Giving up: refuse late submissions, then settle what is left as closed-before-ack.
         self.receiver.close();
+        let mut abandoned: Vec<Pending> = acks.iter_mut().filter_map(|settling| settling.pending.take()).collect();
         drop(acks);
-        let mut abandoned: Vec<Pending> = waiting.into_values().collect();
-        while let Some((pending, _)) = self.receiver.recv().await {
-            abandoned.push(pending);
+        while let Some(mut settling) = self.receiver.recv().await {
+            abandoned.extend(settling.pending.take());
         }
         let ids = abandoned.iter().map(|p| p.event_id).collect();
         for pending in abandoned {

@@ -1,6 +1,5 @@
 //! `NatsBus`: the `EventBus` over NATS JetStream.
 
-use std::str::FromStr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -9,6 +8,7 @@ use async_nats::header::{HeaderName, HeaderValue, NATS_MESSAGE_ID};
 use async_nats::jetstream::context::{ContextBuilder, PublishErrorKind};
 use async_nats::{Client, HeaderMap};
 use async_trait::async_trait;
+use bytes::Bytes;
 use eventbus_core::dispatch::{DeadLetterSink, Dispatcher, WorkerSettings};
 use eventbus_core::lifecycle::BusCore;
 use eventbus_core::subscription::SubscriptionControl;
@@ -90,7 +90,7 @@ impl Inner {
     }
 
     /// Everything `publish` checks before anything is sent.
-    fn check(&self, live: &Live, topic: &str, envelope: &Envelope) -> Result<(HeaderMap, WireMessage)> {
+    fn check(&self, live: &Live, topic: &str, envelope: &Envelope) -> Result<(HeaderMap, Bytes)> {
         validate_topic(topic)?;
         envelope.validate()?;
         let wire = wire::encode(envelope);
@@ -99,21 +99,25 @@ impl Inner {
         if size > limit {
             return Err(Error::PayloadTooLarge { size, limit, backend: "the NATS server's max_payload".into() });
         }
-        let mut headers = headers(&wire)?;
-        headers.insert(NATS_MESSAGE_ID, envelope.event_id.to_string().as_str());
-        Ok((headers, wire))
+        let mut headers = headers(wire.headers)?;
+        headers.insert(NATS_MESSAGE_ID, HeaderValue::from(envelope.event_id.to_string()));
+        Ok((headers, wire.payload))
     }
 }
 
-/// The message headers of `wire`, refusing names or values NATS cannot carry (validation already keeps
-/// them out; this never panics whatever the input).
-fn headers(wire: &WireMessage) -> Result<HeaderMap> {
+/// The message headers of a wire message, refusing names or values NATS cannot carry (validation already
+/// keeps them out; this never panics whatever the input). The strings become the headers without a copy.
+fn headers(wire_headers: Vec<(String, String)>) -> Result<HeaderMap> {
     let mut headers = HeaderMap::new();
-    for (name, value) in &wire.headers {
-        let invalid = || ValidationError::InvalidHeaderName { name: name.clone() };
-        let header = HeaderName::from_str(name).map_err(|_| invalid())?;
-        let value = HeaderValue::from_str(value).map_err(|_| invalid())?;
-        headers.append(header, value);
+    for (name, value) in wire_headers {
+        // The client's own rules, checked first so the conversions below neither fail nor panic.
+        let name_ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+        if !name_ok || value.contains(['\r', '\n']) {
+            return Err(ValidationError::InvalidHeaderName { name }.into());
+        }
+        let header =
+            HeaderName::try_from(name).map_err(|e| ValidationError::InvalidHeaderName { name: e.to_string() })?;
+        headers.append(header, HeaderValue::from(value));
     }
     Ok(headers)
 }
@@ -126,7 +130,7 @@ impl Live {
         let partition = wire
             .header(wire::AGGREGATE_ID)
             .map_or(0, |aggregate| partition_of(aggregate, self.provisioner.partitions()));
-        let mut headers = headers(&wire)?;
+        let mut headers = headers(wire.headers)?;
         if let Some(id) = message_id {
             headers.insert(NATS_MESSAGE_ID, id.as_str());
         }
@@ -190,14 +194,14 @@ impl EventBus for NatsBus {
         let inner = &self.inner;
         let core = &inner.core;
         let live = core.count_rejection(inner.live())?;
-        let (headers, wire) = core.count_rejection(inner.check(&live, topic, &envelope))?;
+        let (headers, payload) = core.count_rejection(inner.check(&live, topic, &envelope))?;
         let slot = core.admit().await?;
         let known = core.count_rejection(live.provisioner.topic(topic).await)?;
         let partition = partition_of(&envelope.aggregate_id, live.provisioner.partitions());
         let subject = known.subjects[usize::from(partition)].clone();
         // Queuing on the client waits only while its send queue is full: bounded like the window itself.
         let enqueue_timeout = inner.config.publish.enqueue_timeout;
-        let sent = tokio::time::timeout(enqueue_timeout, live.js.publish_with_headers(subject, headers, wire.payload))
+        let sent = tokio::time::timeout(enqueue_timeout, live.js.publish_with_headers(subject, headers, payload))
             .await
             .map_err(|_| Error::Backpressure { window: inner.config.publish.window, waited: enqueue_timeout })
             .and_then(|sent| sent.map_err(publish_error));

@@ -176,29 +176,24 @@ fn reopen(claim: Arc<Claim>) -> Reopen {
 
 /// Decodes a JetStream message into a delivery; what cannot be decoded is kept raw for the dead-letter topic.
 pub(crate) fn delivery(message: jetstream::Message, claim: Arc<Claim>) -> Delivery {
-    let decoded = {
-        let headers: Vec<(&str, &str)> = message
+    let headers = || {
+        message
             .headers
             .iter()
             .flat_map(|headers| headers.iter())
             .flat_map(|(name, values)| values.iter().map(move |value| (name.as_ref(), value.as_str())))
-            .collect();
-        wire::decode(headers.iter().map(|(n, v)| (*n, v.as_bytes())), message.payload.clone())
-            .map_err(|error| (error, raw(&headers, &message.payload)))
     };
+    let decoded = wire::decode(headers().map(|(n, v)| (n, v.as_bytes())), message.payload.clone());
     let message_kind = match decoded {
         Ok(envelope) => Message::Event(Arc::new(envelope)),
-        Err((error, wire)) => Message::Undecodable { wire, error },
+        Err(error) => Message::Undecodable { wire: raw(headers(), &message.payload), error },
     };
     claim.unsettled.fetch_add(1, Ordering::AcqRel);
     Delivery { message: message_kind, acker: Box::new(NatsAcker { message, claim }) }
 }
 
-fn raw(headers: &[(&str, &str)], payload: &bytes::Bytes) -> WireMessage {
-    WireMessage {
-        headers: headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect(),
-        payload: payload.clone(),
-    }
+fn raw<'a>(headers: impl Iterator<Item = (&'a str, &'a str)>, payload: &bytes::Bytes) -> WireMessage {
+    WireMessage { headers: headers.map(|(n, v)| (n.to_owned(), v.to_owned())).collect(), payload: payload.clone() }
 }
 
 /// Acknowledges one JetStream message.
@@ -210,14 +205,7 @@ struct NatsAcker {
 #[async_trait]
 impl Acker for NatsAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        if let Ok(info) = self.message.info() {
-            tracing::trace!(
-                consumer = info.consumer,
-                stream_sequence = info.stream_sequence,
-                delivered = info.delivered,
-                "ack"
-            );
-        }
+        self.trace("ack");
         self.message.ack().await.map_err(|e| Error::Broker { message: format!("ack failed: {e}"), source: None })
     }
 
@@ -236,14 +224,7 @@ impl Acker for NatsAcker {
         if !self.claim.hand_back {
             return;
         }
-        if let Ok(info) = self.message.info() {
-            tracing::trace!(
-                consumer = info.consumer,
-                stream_sequence = info.stream_sequence,
-                delivered = info.delivered,
-                "nak"
-            );
-        }
+        self.trace("nak");
         if let Err(error) = self.message.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await {
             tracing::debug!(%error, "nak at close failed; the message returns after its ack wait");
         }
@@ -262,6 +243,18 @@ impl Acker for NatsAcker {
     async fn in_progress(&self) {
         if let Err(error) = self.message.ack_with(AckKind::Progress).await {
             tracing::debug!(%error, "in-progress notice failed");
+        }
+    }
+}
+
+impl NatsAcker {
+    /// Traces what is settled; the message's metadata is parsed only when tracing wants it.
+    fn trace(&self, what: &str) {
+        if tracing::enabled!(tracing::Level::TRACE) {
+            if let Ok(info) = self.message.info() {
+                let (consumer, stream_sequence, delivered) = (info.consumer, info.stream_sequence, info.delivered);
+                tracing::trace!(consumer, stream_sequence, delivered, "{what}");
+            }
         }
     }
 }
