@@ -359,6 +359,8 @@ pub async fn provisioning(nats: &Nats) -> anyhow::Result<()> {
 ///    arrives and none before an earlier one of its aggregate.
 /// 2. A member that joins a busy group holds its fair share of the partitions when its subscribe returns.
 /// 3. When it closes, the remaining member holds every partition again within a few renewals.
+///
+/// Then `shared-partitions`: the layout without ownership, checked the same way.
 pub async fn ownership(nats: &Nats) -> anyhow::Result<()> {
     let mut config = nats.config();
     // A bucket of its own, whose entries live this test's short ack wait.
@@ -447,5 +449,58 @@ pub async fn ownership(nats: &Nats) -> anyhow::Result<()> {
     let fair = partitions / 2;
     ensure!(shared == [fair, partitions - fair] || shared == [partitions - fair, fair], "unfair share: {shared:?}");
     ensure!(whole == [partitions], "the remaining member did not take every partition back: {whole:?}");
+    shared_partitions(nats).await
+}
+
+/// shared-partitions: with `nats.max_ack_pending = 1` there are no leases: two members of a group pull from
+/// every partition, one message of a partition at a time, and every aggregate still arrives whole and in order.
+async fn shared_partitions(nats: &Nats) -> anyhow::Result<()> {
+    let mut config = nats.config();
+    config.nats.stream_prefix = unique("SHARED").replace('-', "_");
+    config.nats.max_ack_pending = 1;
+    let workload = crate::workload::Workload::new("shared", 40, 5, 1);
+    let topic = &workload.topics[0];
+    let recorder = Arc::new(crate::recorder::Recorder::default());
+    let bus = Arc::new(NatsBus::connect(config.clone()).await?);
+    let mut members = Vec::new();
+    let counts: [Arc<std::sync::atomic::AtomicUsize>; 2] = Default::default();
+    for count in &counts {
+        let (recorder, count) = (recorder.clone(), count.clone());
+        members.push(
+            bus.subscribe_with(topic, SubscribeOptions::group("shared").concurrency(4), move |event| {
+                let (recorder, count) = (recorder.clone(), count.clone());
+                async move {
+                    // Long enough that one member cannot drain the topic alone.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    recorder.record(&event);
+                    count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Ok(())
+                }
+            })
+            .await?,
+        );
+    }
+    let published = workload.publish(bus.clone()).await;
+    let complete = recorder.wait_for(workload.total(), DELIVERY_DEADLINE).await;
+    for member in members {
+        member.close().await;
+    }
+    bus.close().await;
+    let leases = async_nats::jetstream::new(async_nats::connect(nats.url()).await?)
+        .get_key_value(naming::lease_bucket(&config.nats.stream_prefix))
+        .await
+        .is_ok();
+    let tally = recorder.tally(workload.total());
+    let shares = counts.map(|c| c.load(std::sync::atomic::Ordering::Relaxed));
+    figures(
+        nats,
+        "ownership",
+        "shared-partitions",
+        format_args!("messages={} [{tally}] shares={shares:?} lease_bucket_created={leases}", workload.total()),
+    );
+    ensure!(published.failed == 0, "publishes failed: {:?}", published.errors);
+    ensure!(complete && tally.violations == 0 && tally.duplicates == 0, "{tally}");
+    ensure!(shares.iter().all(|&s| s > 0), "a member received nothing: {shares:?}");
+    ensure!(!leases, "max_ack_pending 1 needs no lease bucket, yet one was created");
     Ok(())
 }
