@@ -45,6 +45,8 @@ pub(crate) struct Claim {
     hand_back: bool,
     /// Deliveries of this claim not yet settled.
     unsettled: AtomicUsize,
+    /// Pull streams of this claim open or being re-opened: each may still ask the server for messages.
+    pulling: AtomicUsize,
 }
 
 impl Claim {
@@ -56,12 +58,31 @@ impl Claim {
             progress_interval: ack_wait / 3,
             hand_back,
             unsettled: AtomicUsize::new(0),
+            pulling: AtomicUsize::new(0),
         })
     }
 
-    /// Deliveries of this claim not yet acked, terminated, released or skipped.
-    pub(crate) fn unsettled(&self) -> usize {
-        self.unsettled.load(Ordering::Acquire)
+    /// Whether every delivery of this claim is settled and none of its pull streams is open, so another
+    /// member may take the partition over.
+    pub(crate) fn idle(&self) -> bool {
+        self.unsettled.load(Ordering::Acquire) == 0 && self.pulling.load(Ordering::Acquire) == 0
+    }
+}
+
+/// Counts one pull stream of a claim, from before its pull requests are sent until the stream is dropped
+/// (carried through a re-open).
+pub(crate) struct Pulling(Arc<Claim>);
+
+impl Pulling {
+    fn new(claim: Arc<Claim>) -> Self {
+        claim.pulling.fetch_add(1, Ordering::AcqRel);
+        Self(claim)
+    }
+}
+
+impl Drop for Pulling {
+    fn drop(&mut self) {
+        self.0.pulling.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -70,14 +91,18 @@ impl Claim {
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Pulled {
     Message(std::result::Result<jetstream::Message, String>, Arc<Claim>),
-    Ended(Arc<Claim>),
+    Ended(Arc<Claim>, Pulling),
 }
 
 pub(crate) type PartitionStream = BoxStream<'static, Pulled>;
-type Reopen = Pin<Box<dyn std::future::Future<Output = (Arc<Claim>, Result<PartitionStream>)> + Send>>;
+type Reopen = Pin<Box<dyn std::future::Future<Output = (Arc<Claim>, Pulling, Result<PartitionStream>)> + Send>>;
 
 /// Opens the pull stream of a claimed partition; it ends when the claim is revoked.
 pub(crate) async fn open(claim: Arc<Claim>) -> Result<PartitionStream> {
+    open_counted(claim.clone(), Pulling::new(claim)).await
+}
+
+async fn open_counted(claim: Arc<Claim>, pulling: Pulling) -> Result<PartitionStream> {
     let partition = claim.partition;
     let messages = claim
         .consumer
@@ -98,7 +123,7 @@ pub(crate) async fn open(claim: Arc<Claim>) -> Result<PartitionStream> {
         std::future::ready(next)
     });
     let revoked = claim.revoked.clone().cancelled_owned();
-    Ok(messages.take_until(revoked).chain(stream::once(async move { Pulled::Ended(claim) })).boxed())
+    Ok(messages.take_until(revoked).chain(stream::once(async move { Pulled::Ended(claim, pulling) })).boxed())
 }
 
 /// Moves messages from every claimed partition to the dispatcher until `stop`. Claims arrive on `claims`
@@ -120,13 +145,13 @@ pub(crate) async fn fetch(
                 streams.push(stream);
                 continue;
             }
-            Some((claim, reopened)) = reopening.next(), if !reopening.is_empty() => {
+            Some((claim, pulling, reopened)) = reopening.next(), if !reopening.is_empty() => {
                 match reopened {
                     Ok(stream) => streams.push(stream),
                     Err(_) if claim.revoked.is_cancelled() => {}
                     Err(error) => {
                         tracing::warn!(%topic, partition = claim.partition, %error, "re-opening a partition failed; retrying");
-                        reopening.push(reopen(claim));
+                        reopening.push(reopen(claim, pulling));
                     }
                 }
                 continue;
@@ -148,12 +173,12 @@ pub(crate) async fn fetch(
             }
             // Missed heartbeats and failed pulls are reported by the stream and recovered by it.
             Pulled::Message(Err(error), _) => tracing::warn!(%topic, %error, "pull stream failed; re-opening it"),
-            Pulled::Ended(claim) if claim.revoked.is_cancelled() => {
+            Pulled::Ended(claim, _) if claim.revoked.is_cancelled() => {
                 tracing::debug!(%topic, partition = claim.partition, "stopped pulling from a partition no longer owned");
             }
-            Pulled::Ended(claim) => {
+            Pulled::Ended(claim, pulling) => {
                 tracing::debug!(%topic, partition = claim.partition, "pull stream ended; re-opening it");
-                reopening.push(reopen(claim));
+                reopening.push(reopen(claim, pulling));
             }
         }
     }
@@ -165,11 +190,16 @@ pub(crate) async fn fetch(
     }
 }
 
-fn reopen(claim: Arc<Claim>) -> Reopen {
+fn reopen(claim: Arc<Claim>, pulling: Pulling) -> Reopen {
     async move {
         tokio::time::sleep(REOPEN_DELAY).await;
-        let opened = open(claim.clone()).await;
-        (claim, opened)
+        // Revoked while waiting: the pull requests of a fresh stream could take the next owner's messages.
+        if claim.revoked.is_cancelled() {
+            let ended = Err(Error::Closed);
+            return (claim, pulling, ended);
+        }
+        let opened = open_counted(claim.clone(), Pulling::new(claim.clone())).await;
+        (claim, pulling, opened)
     }
     .boxed()
 }

@@ -56,9 +56,10 @@ pub(crate) struct Keeper {
     partitions: u16,
     target: Target,
     held: BTreeMap<u16, Lease>,
-    /// Revoked, waiting for their deliveries to settle before the lease is deleted; with the deadline after
-    /// which it is deleted anyway.
-    releasing: BTreeMap<u16, (Lease, Instant)>,
+    /// Revoked, still renewed until their deliveries are settled and their pull streams closed; then the
+    /// lease is deleted. Handler calls are bounded by `handler_timeout` and a revoked delivery is not retried,
+    /// so this ends.
+    releasing: BTreeMap<u16, Lease>,
     /// Other members, by id, with when their presence was last seen.
     members: HashMap<String, Instant>,
     /// Partitions held by other members, with when their lease was last seen.
@@ -102,6 +103,7 @@ impl Keeper {
         };
         let mut ticks = tokio::time::interval(tick(self.ttl));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failure = None;
         loop {
             let renew = tokio::select! {
                 biased;
@@ -126,13 +128,11 @@ impl Keeper {
                 },
             };
             if let Err(error) = self.balance(renew).await {
-                match ready.take() {
-                    Some(ready) => {
-                        let _ = ready.send(Err(error));
-                        break;
-                    }
-                    None => tracing::warn!(scope = %self.scope, %error, "rebalancing partitions failed; retrying"),
+                if ready.is_some() {
+                    failure = Some(error);
+                    break;
                 }
+                tracing::warn!(scope = %self.scope, %error, "rebalancing partitions failed; retrying");
             }
             if self.held.len() >= self.share() {
                 if let Some(ready) = ready.take() {
@@ -140,7 +140,11 @@ impl Keeper {
                 }
             }
         }
+        // A subscribe that failed is answered only once what it leased is given back.
         self.give_up().await;
+        if let (Some(ready), Some(error)) = (ready, failure) {
+            let _ = ready.send(Err(error));
+        }
     }
 
     /// Announces this member and reads the group's entries up to now.
@@ -230,7 +234,7 @@ impl Keeper {
             let Some((partition, lease)) = self.held.pop_last() else { break };
             tracing::debug!(scope = %self.scope, partition, share, "handing a partition over");
             lease.claim.revoked.cancel();
-            self.releasing.insert(partition, (lease, Instant::now() + self.ttl / 2));
+            self.releasing.insert(partition, lease);
         }
         self.release_settled().await;
         if self.held.len() < share {
@@ -246,7 +250,7 @@ impl Keeper {
         for (partition, key) in keys {
             let lease = match self.held.get_mut(&partition) {
                 Some(lease) => lease,
-                None => &mut self.releasing.get_mut(&partition).expect("a releasing lease").0,
+                None => self.releasing.get_mut(&partition).expect("a releasing lease"),
             };
             let update = self.leases.update(&key, Bytes::from(self.member.clone()), lease.revision);
             match tokio::time::timeout(timeout, update).await {
@@ -267,17 +271,11 @@ impl Keeper {
         }
     }
 
-    /// Deletes the leases of revoked partitions whose deliveries are all settled (or whose wait ran out).
+    /// Deletes the leases of revoked partitions that are idle: no delivery left unsettled, no pull stream open.
     async fn release_settled(&mut self) {
-        let now = Instant::now();
-        let settled: Vec<u16> = self
-            .releasing
-            .iter()
-            .filter(|(_, (lease, deadline))| lease.claim.unsettled() == 0 || now >= *deadline)
-            .map(|(&p, _)| p)
-            .collect();
-        for partition in settled {
-            let (lease, _) = self.releasing.remove(&partition).expect("a releasing lease");
+        let idle: Vec<u16> = self.releasing.iter().filter(|(_, lease)| lease.claim.idle()).map(|(&p, _)| p).collect();
+        for partition in idle {
+            let lease = self.releasing.remove(&partition).expect("a releasing lease");
             self.delete(partition, lease.revision).await;
         }
     }
@@ -294,12 +292,13 @@ impl Keeper {
     /// joining together rarely race for the same partition.
     async fn acquire(&mut self, share: usize, timeout: Duration) -> Result<()> {
         let now = Instant::now();
-        let first = self.member.bytes().fold(0u16, |sum, b| sum.wrapping_add(u16::from(b))) % self.partitions;
-        for offset in 0..self.partitions {
+        let count = u32::from(self.partitions);
+        let first = self.member.bytes().fold(0u32, |sum, b| sum.wrapping_add(u32::from(b))) % count;
+        for offset in 0..count {
             if self.held.len() >= share {
                 break;
             }
-            let partition = (first + offset) % self.partitions;
+            let partition = u16::try_from((first + offset) % count).unwrap_or(0);
             let taken = self.taken.get(&partition).is_some_and(|seen| now.duration_since(*seen) < self.ttl);
             if taken || self.held.contains_key(&partition) || self.releasing.contains_key(&partition) {
                 continue;
@@ -339,30 +338,31 @@ impl Keeper {
     }
 
     /// At close: revokes every partition, waits for the running handlers to settle their deliveries (queued
-    /// ones are dropped for the next owner), then deletes the leases and the presence, so the other members
-    /// take over at once instead of after `ttl`.
+    /// ones are dropped for the next owner) and for the pull streams to close, renewing the leases meanwhile,
+    /// then deletes the leases and the presence, so the other members take over at once instead of after
+    /// `ttl`. Bounded by the subscription's close deadline, after which the task is aborted and the entries
+    /// expire on their own.
     async fn give_up(mut self) {
-        let releasing =
-            std::mem::take(&mut self.releasing).into_iter().map(|(partition, (lease, _))| (partition, lease));
-        let leases: Vec<(u16, Lease)> = std::mem::take(&mut self.held).into_iter().chain(releasing).collect();
-        for (_, lease) in &leases {
+        for (partition, lease) in std::mem::take(&mut self.held) {
             lease.claim.revoked.cancel();
+            self.releasing.insert(partition, lease);
         }
-        let deadline = Instant::now() + self.ttl;
-        while Instant::now() < deadline {
+        let timeout = self.target.provisioner.config().request_timeout;
+        let mut renewed = Instant::now();
+        loop {
             drop(self.target.dispatcher.take_queued());
-            if leases.iter().all(|(_, lease)| lease.claim.unsettled() == 0) {
+            self.release_settled().await;
+            if self.releasing.is_empty() {
                 break;
+            }
+            if renewed.elapsed() >= tick(self.ttl) {
+                self.renew(timeout).await;
+                renewed = Instant::now();
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let timeout = self.target.provisioner.config().request_timeout;
-        let deletes = leases.iter().map(|(partition, lease)| self.delete(*partition, lease.revision));
-        let presence = async {
-            if let Err(error) = within(timeout, "presence", self.leases.delete(self.presence_key())).await {
-                tracing::debug!(scope = %self.scope, %error, "deleting the presence failed; it expires on its own");
-            }
-        };
-        futures_util::future::join(futures_util::future::join_all(deletes), presence).await;
+        if let Err(error) = within(timeout, "presence", self.leases.delete(self.presence_key())).await {
+            tracing::debug!(scope = %self.scope, %error, "deleting the presence failed; it expires on its own");
+        }
     }
 }

@@ -301,6 +301,11 @@ impl Provisioner {
                     Err(_) => return Err(timed_out(&what, timeout)),
                 };
                 let lifetime = within(timeout, &what, store.status()).await?.max_age();
+                if lifetime.is_zero() {
+                    // A lease that never expires would keep a dead member's partitions from everyone.
+                    let detail = "its entries never expire (max_age 0); partition leases need a lifetime".into();
+                    return Err(Error::Mismatch { what, detail });
+                }
                 Ok::<_, Error>((store, lifetime))
             })
             .await?;
