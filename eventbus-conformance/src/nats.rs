@@ -360,7 +360,7 @@ pub async fn provisioning(nats: &Nats) -> anyhow::Result<()> {
 /// 2. A member that joins a busy group holds its fair share of the partitions when its subscribe returns.
 /// 3. When it closes, the remaining member holds every partition again within a few renewals.
 ///
-/// Then `shared-partitions`: the layout without ownership, checked the same way.
+/// Then `lost-delivery`, and `shared-partitions`: the layout without ownership, checked the same way.
 pub async fn ownership(nats: &Nats) -> anyhow::Result<()> {
     let mut config = nats.config();
     // A bucket of its own, whose entries live this test's short ack wait.
@@ -449,7 +449,62 @@ pub async fn ownership(nats: &Nats) -> anyhow::Result<()> {
     let fair = partitions / 2;
     ensure!(shared == [fair, partitions - fair] || shared == [partitions - fair, fair], "unfair share: {shared:?}");
     ensure!(whole == [partitions], "the remaining member did not take every partition back: {whole:?}");
+    lost_delivery(nats).await?;
     shared_partitions(nats).await
+}
+
+/// lost-delivery: a delivery of an owned partition that never reaches its owner (here taken by another client
+/// pulling from the same consumer, as a message lost with a dropped connection would be) leaves a gap in the
+/// consumer sequence; the owner re-reads the partition from its first unacknowledged message instead of
+/// handling the later events first.
+async fn lost_delivery(nats: &Nats) -> anyhow::Result<()> {
+    let mut config = nats.config();
+    config.nats.stream_prefix = unique("GAP").replace('-', "_");
+    // One aggregate: every event in one partition, whose owner's first pull request asks for 16.
+    let workload = crate::workload::Workload::new("lost-delivery", 1, 40, 1);
+    let topic = &workload.topics[0];
+    let recorder = Arc::new(crate::recorder::Recorder::default());
+    let bus = Arc::new(NatsBus::connect(config.clone()).await?);
+    let member = crate::workload::record_into(&*bus, topic, SubscribeOptions::group("gap"), recorder.clone()).await?;
+    let partition = naming::partition_of(&workload.aggregate_id(0), config.nats.partitions);
+    let js = jetstream::new(async_nats::connect(nats.url()).await?);
+    let stream = js.get_stream(naming::stream_name(&config.nats.stream_prefix, topic)).await?;
+    let thief: jetstream::consumer::PullConsumer = stream
+        .get_consumer(&naming::durable_name("gap", partition))
+        .await
+        .map_err(|e| anyhow::anyhow!("the partition's consumer: {e}"))?;
+    // Queued behind the owner's first pull request, so it takes the 17th delivery.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut stolen = thief
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(10))
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!("the thief's pull: {e}"))?;
+    let published = workload.publish(bus.clone()).await;
+    let stolen = tokio::time::timeout(Duration::from_secs(10), futures_util::StreamExt::next(&mut stolen))
+        .await
+        .ok()
+        .flatten()
+        .and_then(Result::ok);
+    let stolen_version =
+        stolen.as_ref().and_then(|m| m.headers.as_ref()?.get(wire::EVENT_VERSION).map(|v| v.to_string()));
+    let complete = recorder.wait_for(workload.total(), DELIVERY_DEADLINE).await;
+    member.close().await;
+    bus.close().await;
+    let tally = recorder.tally(workload.total());
+    figures(
+        nats,
+        "ownership",
+        "lost-delivery",
+        format_args!("messages={} stolen_version={stolen_version:?} [{tally}]", workload.total()),
+    );
+    ensure!(published.failed == 0, "publishes failed: {:?}", published.errors);
+    ensure!(stolen_version.is_some(), "no delivery was taken from the owner: the scenario did not happen");
+    ensure!(complete, "the taken event never reached the owner: {tally}");
+    ensure!(tally.violations == 0, "a later event overtook the one lost on the way: {tally}");
+    Ok(())
 }
 
 /// shared-partitions: with `nats.max_ack_pending = 1` there are no leases: two members of a group pull from

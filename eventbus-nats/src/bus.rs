@@ -156,7 +156,7 @@ async fn share_every_partition(
     let consumers = live.provisioner.shared_consumers(topic, group, ack_wait).await?;
     // Each consumer's ack wait as the server holds it rules, whatever the configuration says.
     let opened = consumers.into_iter().enumerate().map(|(partition, (consumer, ack_wait))| async move {
-        let claim = Claim::new(partition as u16, consumer, ack_wait, true);
+        let claim = Claim::shared(partition as u16, consumer, ack_wait);
         consume::open(claim.clone()).await.map(|stream| (claim, stream))
     });
     for claimed in futures_util::future::try_join_all(opened).await? {

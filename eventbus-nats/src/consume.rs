@@ -3,7 +3,7 @@
 //! release, and the claim on its partition.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,8 @@ use eventbus_core::{Error, Result};
 use futures_util::stream::{self, BoxStream, FuturesUnordered, SelectAll, StreamExt};
 use futures_util::FutureExt;
 use tokio::sync::mpsc;
+
+use crate::provision::TakenOver;
 use tokio_util::sync::CancellationToken;
 
 /// Server heartbeat on idle pull streams: a dead connection is noticed within two of them.
@@ -47,10 +49,23 @@ pub(crate) struct Claim {
     unsettled: AtomicUsize,
     /// Pull streams of this claim open or being re-opened: each may still ask the server for messages.
     pulling: AtomicUsize,
+    /// For a partition owner, the consumer sequence the next delivery must carry (0 for members that share
+    /// every partition, which see gaps as a matter of course).
+    next_delivery: AtomicU64,
 }
 
 impl Claim {
-    pub(crate) fn new(partition: u16, consumer: PullConsumer, ack_wait: Duration, hand_back: bool) -> Arc<Self> {
+    /// A partition every member of the group pulls from, one message at a time.
+    pub(crate) fn shared(partition: u16, consumer: PullConsumer, ack_wait: Duration) -> Arc<Self> {
+        Self::new(partition, consumer, ack_wait, true, 0)
+    }
+
+    /// A partition this member owns, from the position its take-over left.
+    pub(crate) fn owned(partition: u16, taken: TakenOver) -> Arc<Self> {
+        Self::new(partition, taken.consumer, taken.ack_wait, false, taken.next_delivery)
+    }
+
+    fn new(partition: u16, consumer: PullConsumer, ack_wait: Duration, hand_back: bool, next: u64) -> Arc<Self> {
         Arc::new(Self {
             partition,
             consumer,
@@ -59,7 +74,21 @@ impl Claim {
             hand_back,
             unsettled: AtomicUsize::new(0),
             pulling: AtomicUsize::new(0),
+            next_delivery: AtomicU64::new(next),
         })
+    }
+
+    /// Whether `message` is the delivery after the previous one. A partition's owner is its only puller, so a
+    /// gap means a delivery was lost on the way (a connection dropped with messages in flight): the server
+    /// redelivers it only after its ack wait, and a later event of its aggregate would overtake it.
+    fn in_sequence(&self, message: &jetstream::Message) -> bool {
+        let expected = self.next_delivery.load(Ordering::Acquire);
+        if expected == 0 {
+            return true;
+        }
+        let Ok(info) = message.info() else { return true };
+        self.next_delivery.store(info.consumer_sequence + 1, Ordering::Release);
+        info.consumer_sequence == expected
     }
 
     /// Whether every delivery of this claim is settled and none of its pull streams is open, so another
@@ -160,6 +189,13 @@ pub(crate) async fn fetch(
         };
         match pulled {
             Pulled::Message(Ok(message), claim) => {
+                if !claim.in_sequence(&message) {
+                    // Left unacknowledged: the member re-reads the partition from its first unacknowledged
+                    // message once everything of this claim has settled.
+                    tracing::warn!(%topic, partition = claim.partition, "a delivery was lost in transit; re-reading the partition");
+                    claim.revoked.cancel();
+                    continue;
+                }
                 let delivery = delivery(message, claim);
                 let slot = tokio::select! {
                     biased;

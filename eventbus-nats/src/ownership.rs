@@ -229,6 +229,7 @@ impl Keeper {
             }
             self.renew(timeout).await;
         }
+        self.resume_stalled().await;
         let share = self.share();
         while self.held.len() > share {
             let Some((partition, lease)) = self.held.pop_last() else { break };
@@ -241,6 +242,29 @@ impl Keeper {
             self.acquire(share, timeout).await?;
         }
         Ok(())
+    }
+
+    /// Takes over again, from its first unacknowledged message, each held partition whose pull stream saw a
+    /// delivery lost in transit, once its claim is idle.
+    async fn resume_stalled(&mut self) {
+        let stalled: Vec<u16> = self
+            .held
+            .iter()
+            .filter(|(_, lease)| lease.claim.revoked.is_cancelled() && lease.claim.idle())
+            .map(|(&partition, _)| partition)
+            .collect();
+        for partition in stalled {
+            match self.take_over(partition).await {
+                Ok(claim) => {
+                    if let Some(lease) = self.held.get_mut(&partition) {
+                        lease.claim = claim;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(scope = %self.scope, partition, %error, "re-reading a partition failed; retrying")
+                }
+            }
+        }
     }
 
     async fn renew(&mut self, timeout: Duration) {
@@ -329,8 +353,8 @@ impl Keeper {
 
     async fn take_over(&self, partition: u16) -> Result<Arc<Claim>> {
         let Target { provisioner, topic, group, ack_wait, claims, .. } = &self.target;
-        let (consumer, ack_wait) = provisioner.take_over(topic, group, partition, *ack_wait).await?;
-        let claim = Claim::new(partition, consumer, ack_wait, false);
+        let taken = provisioner.take_over(topic, group, partition, *ack_wait).await?;
+        let claim = Claim::owned(partition, taken);
         let stream = consume::open(claim.clone()).await?;
         // The fetch loop is gone only when the subscription stops; the claim is then given up with the rest.
         let _ = claims.send((claim.clone(), stream));

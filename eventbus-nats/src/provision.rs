@@ -22,6 +22,15 @@ pub(crate) struct Topic {
     pub(crate) subjects: Vec<String>,
 }
 
+/// A partition's consumer as its new owner starts on it.
+pub(crate) struct TakenOver {
+    pub(crate) consumer: PullConsumer,
+    /// The ack wait the server holds for it.
+    pub(crate) ack_wait: Duration,
+    /// The consumer sequence its next delivery carries.
+    pub(crate) next_delivery: u64,
+}
+
 /// Provisions streams (once per topic per bus) and consumers.
 pub(crate) struct Provisioner {
     js: Context,
@@ -163,12 +172,13 @@ impl Provisioner {
         group: &str,
         partition: u16,
         ack_wait: Duration,
-    ) -> Result<(PullConsumer, Duration)> {
+    ) -> Result<TakenOver> {
         let stream = self.stream(topic).await?;
         let desired = self.desired_consumer(topic, group, partition, ack_wait);
         let (consumer, info) = self.consumer(&stream, desired.clone()).await?;
         if info.num_ack_pending == 0 && info.num_waiting == 0 {
-            return Ok((consumer, info.config.ack_wait));
+            let next_delivery = info.delivered.consumer_sequence + 1;
+            return Ok(TakenOver { consumer, ack_wait: info.config.ack_wait, next_delivery });
         }
         let timeout = self.config.request_timeout;
         let name = info.name.clone();
@@ -201,7 +211,7 @@ impl Provisioner {
         };
         let consumer: PullConsumer = within(timeout, &what, stream.create_consumer(replacement)).await?;
         within(timeout, &what, stream.delete_consumer(&stand_in_name)).await?;
-        Ok((consumer, info.config.ack_wait))
+        Ok(TakenOver { consumer, ack_wait: info.config.ack_wait, next_delivery: 1 })
     }
 
     /// One partition's consumer, created or checked per the provisioning strategy, with its state.
