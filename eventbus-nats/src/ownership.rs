@@ -267,28 +267,49 @@ impl Keeper {
         }
     }
 
+    /// Renews every lease this member holds, all at once. A renewal refused because the key changed is checked:
+    /// a renewal that timed out may have landed, leaving the key this member's at a newer revision.
     async fn renew(&mut self, timeout: Duration) {
+        let sent = Instant::now();
+        let value = Bytes::from(self.member.clone());
+        let (leases, member) = (&self.leases, self.member.as_bytes());
+        let renewals = self.held.iter().chain(self.releasing.iter()).map(|(&partition, lease)| {
+            let (key, value, revision) = (self.lease_key(partition), value.clone(), lease.revision);
+            async move {
+                let renewed = match tokio::time::timeout(timeout, leases.update(&key, value, revision)).await {
+                    Ok(Ok(revision)) => Some(Ok(revision)),
+                    Ok(Err(error)) if error.kind() == UpdateErrorKind::WrongLastRevision => {
+                        match tokio::time::timeout(timeout, leases.entry(&key)).await {
+                            Ok(Ok(Some(entry))) if entry.operation == Operation::Put && entry.value == member => {
+                                Some(Ok(entry.revision))
+                            }
+                            _ => Some(Err(())),
+                        }
+                    }
+                    // Unsure whether the server has it.
+                    _ => None,
+                };
+                (partition, renewed)
+            }
+        });
+        let outcomes = futures_util::future::join_all(renewals).await;
         let now = Instant::now();
-        let keys: Vec<(u16, String)> =
-            self.held.keys().chain(self.releasing.keys()).map(|&p| (p, self.lease_key(p))).collect();
-        for (partition, key) in keys {
+        for (partition, renewed) in outcomes {
             let lease = match self.held.get_mut(&partition) {
                 Some(lease) => lease,
                 None => self.releasing.get_mut(&partition).expect("a releasing lease"),
             };
-            let update = self.leases.update(&key, Bytes::from(self.member.clone()), lease.revision);
-            match tokio::time::timeout(timeout, update).await {
-                Ok(Ok(revision)) => {
+            match renewed {
+                Some(Ok(revision)) => {
                     lease.revision = revision;
-                    lease.renewed = now;
+                    lease.renewed = sent;
                     continue;
                 }
-                Ok(Err(error)) if error.kind() == UpdateErrorKind::WrongLastRevision => {}
-                // Unsure whether the server has it: the lease holds until it would have expired.
-                _ if now.duration_since(lease.renewed) < self.ttl => continue,
+                // An unconfirmed lease is kept until shortly before it would expire on the server.
+                None if now.duration_since(lease.renewed) < self.ttl * 3 / 4 => continue,
                 _ => {}
             }
-            tracing::warn!(scope = %self.scope, partition, "lost the lease of a partition; another member owns it now");
+            tracing::warn!(scope = %self.scope, partition, "lost the lease of a partition; another member may own it now");
             lease.claim.revoked.cancel();
             self.held.remove(&partition);
             self.releasing.remove(&partition);
