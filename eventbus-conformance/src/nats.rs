@@ -360,7 +360,8 @@ pub async fn provisioning(nats: &Nats) -> anyhow::Result<()> {
 /// 2. A member that joins a busy group holds its fair share of the partitions when its subscribe returns.
 /// 3. When it closes, the remaining member holds every partition again within a few renewals.
 ///
-/// Then `lost-delivery`, and `shared-partitions`: the layout without ownership, checked the same way.
+/// Then `lost-delivery`, `interrupted-take-over`, and `shared-partitions`: the layout without ownership, checked
+/// the same way.
 pub async fn ownership(nats: &Nats) -> anyhow::Result<()> {
     let mut config = nats.config();
     // A bucket of its own, whose entries live this test's short ack wait.
@@ -450,7 +451,79 @@ pub async fn ownership(nats: &Nats) -> anyhow::Result<()> {
     ensure!(shared == [fair, partitions - fair] || shared == [partitions - fair, fair], "unfair share: {shared:?}");
     ensure!(whole == [partitions], "the remaining member did not take every partition back: {whole:?}");
     lost_delivery(nats).await?;
+    interrupted_take_over(nats).await?;
     shared_partitions(nats).await
+}
+
+/// interrupted-take-over: a member that died between deleting a partition's consumer and re-creating it left
+/// only the stand-in; the next member re-creates the consumer at the stand-in's position instead of from the
+/// start of the stream.
+async fn interrupted_take_over(nats: &Nats) -> anyhow::Result<()> {
+    let mut config = nats.config();
+    config.nats.stream_prefix = unique("HANDOVER").replace('-', "_");
+    let workload = crate::workload::Workload::new("interrupted", 1, 40, 1);
+    let topic = &workload.topics[0];
+    let bus = NatsBus::connect(config.clone()).await?;
+    let (first, mut first_events) = forward_into(&bus, topic, SubscribeOptions::group("resumed")).await?;
+    for version in 1..=20 {
+        bus.publish(topic, workload.event(0, version)).await?.await?;
+    }
+    let mut handled = 0;
+    while handled < 20 {
+        match tokio::time::timeout(DELIVERY_DEADLINE, first_events.recv()).await {
+            Ok(Some(_)) => handled += 1,
+            _ => break,
+        }
+    }
+    first.close().await;
+    for version in 21..=40 {
+        bus.publish(topic, workload.event(0, version)).await?.await?;
+    }
+    // What a take-over that stopped half-way leaves: a stand-in at the first unhandled message, no consumer.
+    let js = jetstream::new(async_nats::connect(nats.url()).await?);
+    let mut stream = js.get_stream(naming::stream_name(&config.nats.stream_prefix, topic)).await?;
+    let first_unhandled = stream.info().await?.state.last_sequence - 19;
+    let partition = naming::partition_of(&workload.aggregate_id(0), config.nats.partitions);
+    let name = naming::durable_name("resumed", partition);
+    stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some(format!("{name}_handover")),
+            filter_subject: naming::subject(&config.nats.subject_prefix, topic, partition),
+            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: first_unhandled },
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    stream.delete_consumer(&name).await?;
+
+    let (second, mut second_events) = forward_into(&bus, topic, SubscribeOptions::group("resumed")).await?;
+    let mut versions = Vec::new();
+    while versions.len() < 20 {
+        match tokio::time::timeout(DELIVERY_DEADLINE, second_events.recv()).await {
+            Ok(Some(event)) => versions.push(event.event_version),
+            _ => break,
+        }
+    }
+    // Anything more would be a replay from the start.
+    let extra = tokio::time::timeout(Duration::from_millis(500), second_events.recv()).await.ok().flatten();
+    second.close().await;
+    bus.close().await;
+    figures(
+        nats,
+        "ownership",
+        "interrupted-take-over",
+        format_args!(
+            "handled_before={handled} resumed_from_stream_sequence={first_unhandled} received_after={} first={:?} \
+             extra={:?}",
+            versions.len(),
+            versions.first(),
+            extra.as_ref().map(|e| e.event_version)
+        ),
+    );
+    ensure!(handled == 20, "the first member handled {handled} of 20");
+    ensure!(versions == (21..=40).collect::<Vec<u64>>(), "resumed with {versions:?}, not versions 21 to 40");
+    ensure!(extra.is_none(), "more than the unhandled events arrived (a replay from the start?)");
+    Ok(())
 }
 
 /// lost-delivery: a delivery of an owned partition that never reaches its owner (here taken by another client

@@ -175,6 +175,7 @@ impl Provisioner {
     ) -> Result<TakenOver> {
         let stream = self.stream(topic).await?;
         let desired = self.desired_consumer(topic, group, partition, ack_wait);
+        self.finish_take_over(&stream, &desired).await?;
         let (consumer, info) = self.consumer(&stream, desired.clone()).await?;
         if info.num_ack_pending == 0 && info.num_waiting == 0 {
             let next_delivery = info.delivered.consumer_sequence + 1;
@@ -194,12 +195,12 @@ impl Provisioner {
         // stand-in at the same position keeps them until the replacement exists. It expires on its own if this
         // member dies half-way.
         let stand_in = pull::Config {
-            durable_name: Some(format!("{name}_handover")),
+            durable_name: Some(stand_in_name(&name)),
             deliver_policy: start,
             inactive_threshold: Duration::from_secs(60),
             ..desired.clone()
         };
-        let stand_in_name = format!("{name}_handover");
+        let stand_in_name = stand_in_name(&name);
         let what = format!("consumer {name} (taking over partition {partition})");
         within(timeout, &what, stream.create_consumer(stand_in)).await?;
         within(timeout, &what, stream.delete_consumer(&name)).await?;
@@ -212,6 +213,27 @@ impl Provisioner {
         let consumer: PullConsumer = within(timeout, &what, stream.create_consumer(replacement)).await?;
         within(timeout, &what, stream.delete_consumer(&stand_in_name)).await?;
         Ok(TakenOver { consumer, ack_wait: info.config.ack_wait, next_delivery: 1 })
+    }
+
+    /// Completes a take-over that stopped half-way (its member died between deleting the consumer and
+    /// re-creating it): the consumer is re-created at its stand-in's position, then the stand-in goes.
+    async fn finish_take_over(&self, stream: &stream::Stream, desired: &pull::Config) -> Result<()> {
+        let timeout = self.config.request_timeout;
+        let name = desired.durable_name.clone().unwrap_or_default();
+        let stand_in_name = stand_in_name(&name);
+        let Ok(Ok(stand_in)) = tokio::time::timeout(timeout, stream.consumer_info(&stand_in_name)).await else {
+            return Ok(());
+        };
+        let what = format!("consumer {name} (finishing an interrupted take-over)");
+        let missing = matches!(
+            tokio::time::timeout(timeout, stream.consumer_info(&name)).await,
+            Ok(Err(error)) if error.kind() == ConsumerInfoErrorKind::NotFound
+        );
+        if missing {
+            let replacement = pull::Config { deliver_policy: stand_in.config.deliver_policy, ..desired.clone() };
+            within(timeout, &what, stream.create_consumer(replacement)).await?;
+        }
+        within(timeout, &what, stream.delete_consumer(&stand_in_name)).await.map(drop)
     }
 
     /// One partition's consumer, created or checked per the provisioning strategy, with its state.
@@ -321,6 +343,11 @@ impl Provisioner {
             .await?;
         Ok(leases.clone())
     }
+}
+
+/// The consumer that holds a partition's position while its consumer is re-created.
+fn stand_in_name(consumer: &str) -> String {
+    format!("{consumer}_handover")
 }
 
 fn missing(what: String) -> Error {
