@@ -468,13 +468,7 @@ async fn interrupted_take_over(nats: &Nats) -> anyhow::Result<()> {
     for version in 1..=20 {
         bus.publish(topic, workload.event(0, version)).await?.await?;
     }
-    let mut handled = 0;
-    while handled < 20 {
-        match tokio::time::timeout(DELIVERY_DEADLINE, first_events.recv()).await {
-            Ok(Some(_)) => handled += 1,
-            _ => break,
-        }
-    }
+    let handled = receive_versions(&mut first_events, 20).await.len();
     first.close().await;
     for version in 21..=40 {
         bus.publish(topic, workload.event(0, version)).await?.await?;
@@ -497,13 +491,7 @@ async fn interrupted_take_over(nats: &Nats) -> anyhow::Result<()> {
     stream.delete_consumer(&name).await?;
 
     let (second, mut second_events) = forward_into(&bus, topic, SubscribeOptions::group("resumed")).await?;
-    let mut versions = Vec::new();
-    while versions.len() < 20 {
-        match tokio::time::timeout(DELIVERY_DEADLINE, second_events.recv()).await {
-            Ok(Some(event)) => versions.push(event.event_version),
-            _ => break,
-        }
-    }
+    let versions = receive_versions(&mut second_events, 20).await;
     // Anything more would be a replay from the start.
     let extra = tokio::time::timeout(Duration::from_millis(500), second_events.recv()).await.ok().flatten();
     second.close().await;
@@ -578,6 +566,18 @@ async fn lost_delivery(nats: &Nats) -> anyhow::Result<()> {
     ensure!(complete, "the taken event never reached the owner: {tally}");
     ensure!(tally.violations == 0, "a later event overtook the one lost on the way: {tally}");
     Ok(())
+}
+
+/// The versions of the next `count` events, fewer if they do not arrive within the delivery deadline.
+async fn receive_versions(events: &mut mpsc::UnboundedReceiver<Envelope>, count: usize) -> Vec<u64> {
+    let mut versions = Vec::new();
+    while versions.len() < count {
+        match tokio::time::timeout(DELIVERY_DEADLINE, events.recv()).await {
+            Ok(Some(event)) => versions.push(event.event_version),
+            _ => break,
+        }
+    }
+    versions
 }
 
 /// shared-partitions: with `nats.max_ack_pending = 1` there are no leases: two members of a group pull from
