@@ -128,7 +128,9 @@ impl Keeper {
                 },
             };
             if let Err(error) = self.balance(renew).await {
-                if ready.is_some() {
+                // Fatal only while `subscribe` waits for the answer; once it has gone on (it waits a bounded
+                // time), the subscription lives and the next round retries.
+                if ready.as_ref().is_some_and(|ready| !ready.is_closed()) {
                     failure = Some(error);
                     break;
                 }
