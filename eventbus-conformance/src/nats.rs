@@ -360,8 +360,8 @@ pub async fn provisioning(nats: &Nats) -> anyhow::Result<()> {
 /// 2. A member that joins a busy group holds its fair share of the partitions when its subscribe returns.
 /// 3. When it closes, the remaining member holds every partition again within a few renewals.
 ///
-/// Then `lost-delivery`, `interrupted-take-over`, and `shared-partitions`: the layout without ownership, checked
-/// the same way.
+/// Then `lost-delivery`, `interrupted-take-over`, `queued-kept-alive`, and `shared-partitions`: the layout
+/// without ownership, checked the same way.
 pub async fn ownership(nats: &Nats) -> anyhow::Result<()> {
     let mut config = nats.config();
     // A bucket of its own, whose entries live this test's short ack wait.
@@ -452,7 +452,44 @@ pub async fn ownership(nats: &Nats) -> anyhow::Result<()> {
     ensure!(whole == [partitions], "the remaining member did not take every partition back: {whole:?}");
     lost_delivery(nats).await?;
     interrupted_take_over(nats).await?;
+    queued_kept_alive(nats).await?;
     shared_partitions(nats).await
+}
+
+/// queued-kept-alive: an owner holds more than its workers handle within the ack wait (one worker, 300 ms per
+/// event, 20 events, a 2 s ack wait); the deliveries waiting in its queue get in-progress notices too, so the
+/// server delivers none of them again.
+async fn queued_kept_alive(nats: &Nats) -> anyhow::Result<()> {
+    let mut config = nats.config();
+    config.nats.stream_prefix = unique("QUEUED").replace('-', "_");
+    config.nats.ack_wait = Duration::from_secs(2);
+    let workload = crate::workload::Workload::new("queued", 1, 20, 1);
+    let topic = &workload.topics[0];
+    let recorder = Arc::new(crate::recorder::Recorder::default());
+    let bus = Arc::new(NatsBus::connect(config).await?);
+    let recording = recorder.clone();
+    let slow = bus
+        .subscribe_with(topic, SubscribeOptions::group("slow").concurrency(1), move |event| {
+            let recorder = recording.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                recorder.record(&event);
+                Ok(())
+            }
+        })
+        .await?;
+    let published = workload.publish(bus.clone()).await;
+    let complete = recorder.wait_for(workload.total(), DELIVERY_DEADLINE).await;
+    // Redeliveries of the last ones would come within an ack wait.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    slow.close().await;
+    bus.close().await;
+    let tally = recorder.tally(workload.total());
+    figures(nats, "ownership", "queued-kept-alive", format_args!("messages={} [{tally}]", workload.total()));
+    ensure!(published.failed == 0, "publishes failed: {:?}", published.errors);
+    ensure!(complete && tally.violations == 0, "{tally}");
+    ensure!(tally.duplicates == 0, "queued deliveries were delivered again: {tally}");
+    Ok(())
 }
 
 /// interrupted-take-over: a member that died between deleting a partition's consumer and re-creating it left

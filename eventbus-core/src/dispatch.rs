@@ -94,6 +94,13 @@ pub trait Acker: Send + Sync + 'static {
 
     /// Tells the broker the message is still being worked on, so its redelivery timer starts again.
     async fn in_progress(&self) {}
+
+    /// The same notice, detached from the acker, for a delivery still waiting in its queue: a queue longer than
+    /// the broker's redelivery timer would otherwise see its tail delivered again. `None` (the default) for
+    /// brokers without a redelivery timer.
+    fn queued_progress(&self) -> Option<futures_util::future::BoxFuture<'static, ()>> {
+        None
+    }
 }
 
 /// The acker of backends where taking a message from the source already settles it (the in-memory backend).
@@ -230,6 +237,13 @@ impl Dispatcher {
     pub fn take_queued(&self) -> Vec<Delivery> {
         let queues = std::mem::take(&mut *lock(&self.shared.queues));
         queues.into_values().flatten().map(|queued| queued.delivery).collect()
+    }
+
+    /// Progress notices for every queued delivery (a worker sends its own for the one it handles), to be
+    /// sent every [`Acker::progress_interval`].
+    pub fn queued_progress(&self) -> Vec<futures_util::future::BoxFuture<'static, ()>> {
+        let queues = lock(&self.shared.queues);
+        queues.values().flatten().filter_map(|queued| queued.delivery.acker.queued_progress()).collect()
     }
 
     /// Deliveries queued, not counting those a worker is handling.

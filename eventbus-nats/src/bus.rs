@@ -281,7 +281,7 @@ impl EventBus for NatsBus {
         let topic: Arc<str> = Arc::from(topic);
         control.with_tasks(|tasks| {
             dispatcher.spawn_workers(tasks, handler, settings, stop.clone(), abandoned);
-            tasks.spawn(consume::fetch(topic, claimed, dispatcher.clone(), stop));
+            tasks.spawn(consume::fetch(topic, claimed, dispatcher.clone(), ack_wait / 3, stop));
         });
         control.release_on_close(dispatcher);
         inner.core.subscriptions.register(control)

@@ -162,14 +162,22 @@ pub(crate) async fn fetch(
     topic: Arc<str>,
     mut claims: mpsc::UnboundedReceiver<(Arc<Claim>, PartitionStream)>,
     dispatcher: Dispatcher,
+    progress_interval: Duration,
     stop: CancellationToken,
 ) {
     let mut streams: SelectAll<PartitionStream> = SelectAll::new();
+    // Queued deliveries are kept alive too: a member may hold more than its workers handle within the ack wait.
+    let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + progress_interval, progress_interval);
+    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reopening: FuturesUnordered<Reopen> = FuturesUnordered::new();
     loop {
         let pulled = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
+            _ = progress.tick() => {
+                futures_util::future::join_all(dispatcher.queued_progress()).await;
+                continue;
+            }
             Some((_, stream)) = claims.recv() => {
                 streams.push(stream);
                 continue;
@@ -197,13 +205,22 @@ pub(crate) async fn fetch(
                     continue;
                 }
                 let delivery = delivery(message, claim);
-                let slot = tokio::select! {
-                    biased;
-                    _ = stop.cancelled() => {
-                        delivery.acker.release().await;
-                        break;
+                // A full dispatcher is when its queues are longest: their notices go on while this waits.
+                let reserve = dispatcher.reserve();
+                tokio::pin!(reserve);
+                let slot = loop {
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => break None,
+                        _ = progress.tick() => {
+                            futures_util::future::join_all(dispatcher.queued_progress()).await;
+                        }
+                        slot = &mut reserve => break Some(slot),
                     }
-                    slot = dispatcher.reserve() => slot,
+                };
+                let Some(slot) = slot else {
+                    delivery.acker.release().await;
+                    break;
                 };
                 dispatcher.push(slot, delivery);
             }
@@ -303,6 +320,18 @@ impl Acker for NatsAcker {
 
     fn progress_interval(&self) -> Option<Duration> {
         Some(self.claim.progress_interval)
+    }
+
+    fn queued_progress(&self) -> Option<futures_util::future::BoxFuture<'static, ()>> {
+        let message = self.message.clone();
+        Some(
+            async move {
+                if let Err(error) = message.ack_with(AckKind::Progress).await {
+                    tracing::debug!(%error, "in-progress notice for a queued delivery failed");
+                }
+            }
+            .boxed(),
+        )
     }
 
     /// Still handled or retried: restart the server's ack-wait timer.
