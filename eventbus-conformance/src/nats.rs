@@ -363,9 +363,8 @@ pub async fn provisioning(nats: &Nats) -> anyhow::Result<()> {
 /// Then `lost-delivery`, `interrupted-take-over`, `queued-kept-alive`, and `shared-partitions`: the layout
 /// without ownership, checked the same way.
 pub async fn ownership(nats: &Nats) -> anyhow::Result<()> {
-    let mut config = nats.config();
     // A bucket of its own, whose entries live this test's short ack wait.
-    config.nats.stream_prefix = unique("OWN").replace('-', "_");
+    let mut config = own_streams(nats, "OWN");
     config.nats.ack_wait = Duration::from_secs(2);
     let partitions = usize::from(config.nats.partitions);
     let workload = crate::workload::Workload::new("ownership", 40, 5, 1);
@@ -460,8 +459,7 @@ pub async fn ownership(nats: &Nats) -> anyhow::Result<()> {
 /// event, 20 events, a 2 s ack wait); the deliveries waiting in its queue get in-progress notices too, so the
 /// server delivers none of them again.
 async fn queued_kept_alive(nats: &Nats) -> anyhow::Result<()> {
-    let mut config = nats.config();
-    config.nats.stream_prefix = unique("QUEUED").replace('-', "_");
+    let mut config = own_streams(nats, "QUEUED");
     config.nats.ack_wait = Duration::from_secs(2);
     let workload = crate::workload::Workload::new("queued", 1, 20, 1);
     let topic = &workload.topics[0];
@@ -496,8 +494,7 @@ async fn queued_kept_alive(nats: &Nats) -> anyhow::Result<()> {
 /// only the stand-in; the next member re-creates the consumer at the stand-in's position instead of from the
 /// start of the stream.
 async fn interrupted_take_over(nats: &Nats) -> anyhow::Result<()> {
-    let mut config = nats.config();
-    config.nats.stream_prefix = unique("HANDOVER").replace('-', "_");
+    let config = own_streams(nats, "HANDOVER");
     let workload = crate::workload::Workload::new("interrupted", 1, 40, 1);
     let topic = &workload.topics[0];
     let bus = NatsBus::connect(config.clone()).await?;
@@ -556,8 +553,7 @@ async fn interrupted_take_over(nats: &Nats) -> anyhow::Result<()> {
 /// consumer sequence; the owner re-reads the partition from its first unacknowledged message instead of
 /// handling the later events first.
 async fn lost_delivery(nats: &Nats) -> anyhow::Result<()> {
-    let mut config = nats.config();
-    config.nats.stream_prefix = unique("GAP").replace('-', "_");
+    let config = own_streams(nats, "GAP");
     // One aggregate: every event in one partition, whose owner's first pull request asks for 16.
     let workload = crate::workload::Workload::new("lost-delivery", 1, 40, 1);
     let topic = &workload.topics[0];
@@ -617,11 +613,18 @@ async fn receive_versions(events: &mut mpsc::UnboundedReceiver<Envelope>, count:
     versions
 }
 
+/// The broker's configuration with a stream prefix of its own, so a scenario's lease bucket (whose entry
+/// lifetime is fixed by its first user) and streams are its own.
+fn own_streams(nats: &Nats, prefix: &str) -> BusConfig {
+    let mut config = nats.config();
+    config.nats.stream_prefix = unique(prefix).replace('-', "_");
+    config
+}
+
 /// shared-partitions: with `nats.max_ack_pending = 1` there are no leases: two members of a group pull from
 /// every partition, one message of a partition at a time, and every aggregate still arrives whole and in order.
 async fn shared_partitions(nats: &Nats) -> anyhow::Result<()> {
-    let mut config = nats.config();
-    config.nats.stream_prefix = unique("SHARED").replace('-', "_");
+    let mut config = own_streams(nats, "SHARED");
     config.nats.max_ack_pending = 1;
     let workload = crate::workload::Workload::new("shared", 40, 5, 1);
     let topic = &workload.topics[0];

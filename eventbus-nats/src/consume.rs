@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind};
 use async_trait::async_trait;
-use eventbus_core::dispatch::{Acker, Delivery, Dispatcher, Message};
+use eventbus_core::dispatch::{Acker, Delivery, DispatchSlot, Dispatcher, Message};
 use eventbus_core::wire::{self, WireMessage};
 use eventbus_core::{Error, Result};
 use futures_util::stream::{self, BoxStream, FuturesUnordered, SelectAll, StreamExt};
@@ -175,7 +175,7 @@ pub(crate) async fn fetch(
             biased;
             _ = stop.cancelled() => break,
             _ = progress.tick() => {
-                futures_util::future::join_all(dispatcher.queued_progress()).await;
+                keep_queued_alive(&dispatcher).await;
                 continue;
             }
             Some((_, stream)) = claims.recv() => {
@@ -205,20 +205,7 @@ pub(crate) async fn fetch(
                     continue;
                 }
                 let delivery = delivery(message, claim);
-                // A full dispatcher is when its queues are longest: their notices go on while this waits.
-                let reserve = dispatcher.reserve();
-                tokio::pin!(reserve);
-                let slot = loop {
-                    tokio::select! {
-                        biased;
-                        _ = stop.cancelled() => break None,
-                        _ = progress.tick() => {
-                            futures_util::future::join_all(dispatcher.queued_progress()).await;
-                        }
-                        slot = &mut reserve => break Some(slot),
-                    }
-                };
-                let Some(slot) = slot else {
+                let Some(slot) = reserve(&dispatcher, &mut progress, &stop).await else {
                     delivery.acker.release().await;
                     break;
                 };
@@ -243,13 +230,36 @@ pub(crate) async fn fetch(
     }
 }
 
+/// Progress notices for every delivery waiting in the dispatcher.
+async fn keep_queued_alive(dispatcher: &Dispatcher) {
+    futures_util::future::join_all(dispatcher.queued_progress()).await;
+}
+
+/// Room in the dispatcher, or `None` at `stop`. A full dispatcher is when its queues are longest: their
+/// progress notices go on while this waits.
+async fn reserve(
+    dispatcher: &Dispatcher,
+    progress: &mut tokio::time::Interval,
+    stop: &CancellationToken,
+) -> Option<DispatchSlot> {
+    let reserve = dispatcher.reserve();
+    tokio::pin!(reserve);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return None,
+            _ = progress.tick() => keep_queued_alive(dispatcher).await,
+            slot = &mut reserve => return Some(slot),
+        }
+    }
+}
+
 fn reopen(claim: Arc<Claim>, pulling: Pulling) -> Reopen {
     async move {
         tokio::time::sleep(REOPEN_DELAY).await;
         // Revoked while waiting: the pull requests of a fresh stream could take the next owner's messages.
         if claim.revoked.is_cancelled() {
-            let ended = Err(Error::Closed);
-            return (claim, pulling, ended);
+            return (claim, pulling, Err(Error::Closed));
         }
         let opened = open_counted(claim.clone(), Pulling::new(claim.clone())).await;
         (claim, pulling, opened)
