@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::Handler;
 use crate::config::RetryPolicy;
+use crate::deadline::lazy_timeout;
 use crate::envelope::wire::{self, DecodeError, WireMessage};
 use crate::envelope::Envelope;
 use crate::metrics::{bump, Counters};
@@ -207,6 +208,11 @@ impl Dispatcher {
     pub async fn reserve(&self) -> DispatchSlot {
         let permit = self.shared.capacity.clone().acquire_owned().await;
         DispatchSlot(permit.expect("the dispatcher never closes its semaphore"))
+    }
+
+    /// Room for one delivery if there is some now, without waiting.
+    pub fn try_reserve(&self) -> Option<DispatchSlot> {
+        self.shared.capacity.clone().try_acquire_owned().ok().map(DispatchSlot)
     }
 
     /// Queues `delivery` in the room `slot` reserved.
@@ -392,14 +398,19 @@ enum Outcome {
 
 impl Worker {
     async fn run(self) {
+        // Registered once for the worker's life: registering and dropping a cancellation waiter per delivery
+        // takes locks shared by every worker of the subscription.
+        let stopped = self.stop.cancelled();
+        tokio::pin!(stopped);
         loop {
+            // Work first: `stop` is checked again below before a taken delivery is started.
             let key = tokio::select! {
                 biased;
-                _ = self.stop.cancelled() => return,
                 key = self.shared.ready_rx.recv() => match key {
                     Ok(key) => key,
                     Err(_) => return,
                 },
+                _ = &mut stopped => return,
             };
             let item = lock(&self.shared.queues).get_mut(&key).and_then(VecDeque::pop_front);
             // Dropping `held` settles the key's schedule: back to the ready channel if deliveries remain,
@@ -448,7 +459,7 @@ impl Worker {
             bump(&counters.handler_calls);
             // A panicking handler is a failed attempt like any other: the worker survives it.
             let call = AssertUnwindSafe(self.handler.handle((*envelope).clone())).catch_unwind();
-            let call = tokio::time::timeout(self.settings.handler_timeout, call);
+            let call = lazy_timeout(self.settings.handler_timeout, call);
             let reason = match keep_alive.run(&*held.item.as_ref().expect("a held delivery").delivery.acker, call).await
             {
                 Ok(Err(panic)) => format!("handler panicked: {}", panic_message(&*panic)),

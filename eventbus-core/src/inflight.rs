@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{PublishAck, PublishReceipt, PublishResult, PublishResults};
 use crate::config::PublishConfig;
+use crate::deadline::lazy_timeout;
 use crate::envelope::EventId;
 use crate::metrics::{bump, Counters};
 use crate::{Error, Result};
@@ -149,11 +150,10 @@ impl PublishWindow {
     {
         let aggregate_id = self.results.as_ref().map(|_| aggregate_id.to_owned());
         let ack_timeout = self.ack_timeout;
-        // One box for the ack and its deadline; polling it once here does not start a timer when the ack is
-        // already there.
+        // One box for the ack and its deadline; polling it once here starts no timer when the ack is already
+        // there, and otherwise starts the deadline now.
         let mut ack: AckFuture =
-            async move { tokio::time::timeout(ack_timeout, ack).await.unwrap_or(Err(Error::AckTimeout(ack_timeout))) }
-                .boxed();
+            async move { lazy_timeout(ack_timeout, ack).await.unwrap_or(Err(Error::AckTimeout(ack_timeout))) }.boxed();
         if let Some(result) = (&mut ack).now_or_never() {
             record(&self.counters, &result);
             if let (Some(results), Some(aggregate_id)) = (&self.results, aggregate_id) {

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -80,7 +80,8 @@ struct HeldPublish {
 struct Topic {
     name: Arc<str>,
     log: Mutex<Log>,
-    end: watch::Sender<u64>,
+    /// Woken by an append while some group's fetch task waits for one (`Log::waiting_fetchers`).
+    appended: Notify,
     groups: Mutex<HashMap<String, Arc<Group>>>,
     /// `groups.len()`, read without the lock on every publish and every event read.
     group_count: AtomicUsize,
@@ -98,6 +99,10 @@ struct Log {
     base: u64,
     entries: VecDeque<Stored>,
     appends_since_trim: usize,
+    /// Fetch tasks that found nothing to read and wait on `Topic::appended`. Counted under the log's lock, so
+    /// an append either sees the waiter or is seen by its last read, and appends wake nobody while every
+    /// fetch task is busy.
+    waiting_fetchers: usize,
 }
 
 #[derive(Clone)]
@@ -245,7 +250,7 @@ impl Inner {
         let topic = Arc::new(Topic {
             name: Arc::from(name),
             log: Mutex::new(Log::default()),
-            end: watch::Sender::new(0),
+            appended: Notify::new(),
             groups: Mutex::new(HashMap::new()),
             group_count: AtomicUsize::new(0),
             room: Semaphore::new(self.config.memory.max_backlog),
@@ -317,24 +322,17 @@ impl Topic {
     }
 
     fn append(&self, stored: Stored, config: &BusConfig) -> u64 {
-        let (offset, trim) = {
+        let (offset, trim, wake) = {
             let mut log = lock(&self.log);
             let offset = log.base + log.entries.len() as u64;
             log.entries.push_back(stored);
             log.appends_since_trim += 1;
             let trim = log.appends_since_trim >= TRIM_EVERY && log.entries.len() > config.memory.history;
-            (offset, trim)
+            (offset, trim, log.waiting_fetchers > 0)
         };
-        // Appends release the log lock before announcing their end, so announcements can arrive out of order;
-        // only ever move the announced end forward.
-        let end = offset + 1;
-        self.end.send_if_modified(|announced| {
-            let grows = end > *announced;
-            if grows {
-                *announced = end;
-            }
-            grows
-        });
+        if wake {
+            self.appended.notify_waiters();
+        }
         if trim {
             self.trim(config.memory.history);
         }
@@ -434,9 +432,11 @@ async fn fetch(
     if let Some(previous) = previous {
         let _ = previous.await;
     }
-    let mut end = topic.end.subscribe();
     let mut batch = Vec::with_capacity(FETCH_BATCH);
     loop {
+        if stop.is_cancelled() {
+            return;
+        }
         if *paused.borrow() {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -444,8 +444,11 @@ async fn fetch(
             }
         }
         let cursor = group.cursor.load(Ordering::Acquire);
-        {
-            let log = lock(&topic.log);
+        // Registered before the log is read, so an append after the read below wakes it.
+        let appended = topic.appended.notified();
+        tokio::pin!(appended);
+        let waiting = {
+            let mut log = lock(&topic.log);
             let start = cursor.max(log.base);
             let skip = (start - log.base) as usize;
             batch.extend(
@@ -456,35 +459,79 @@ async fn fetch(
                     .enumerate()
                     .map(|(i, stored)| (start + i as u64, stored.clone())),
             );
-        }
-        if batch.is_empty() {
+            batch.is_empty().then(|| {
+                appended.as_mut().enable();
+                WaitingFetcher::new(&topic, &mut log)
+            })
+        };
+        if let Some(_waiting) = waiting {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                changed = end.wait_for(|&end| end > cursor) => if changed.is_err() { return },
+                _ = appended => continue,
             }
-            continue;
         }
-        for (offset, stored) in batch.drain(..) {
-            if *paused.borrow() {
-                // The rest of the batch is fetched again after the outage.
-                break;
-            }
-            let message = match stored {
-                Stored::Event(envelope) => Message::Event(envelope),
-                Stored::Raw(wire) => match wire.decode() {
-                    Ok(envelope) => Message::Event(Arc::new(envelope)),
-                    Err(error) => Message::Undecodable { wire: (*wire).clone(), error },
-                },
-            };
-            let delivery = Delivery { message, acker: Box::new(NoAck) };
-            tokio::select! {
-                biased;
-                _ = stop.cancelled() => return,
-                _ = group.dispatcher.dispatch(delivery) => {}
-            }
-            group.cursor.store(offset + 1, Ordering::Release);
-            topic.release_read(offset + 1);
+        let stopped = dispatch_batch(&topic, &group, &stop, &paused, &mut batch).await;
+        // Read events give their room back once per batch (and before any wait for the handlers) rather
+        // than once per event.
+        topic.release_read(group.cursor.load(Ordering::Acquire));
+        if stopped {
+            return;
         }
+    }
+}
+
+/// Hands a fetched batch to the group's dispatcher, moving the cursor past each event. Stops early when the
+/// bus is paused (the rest is fetched again later) or, returning `true`, when told to stop.
+async fn dispatch_batch(
+    topic: &Topic,
+    group: &Group,
+    stop: &CancellationToken,
+    paused: &watch::Receiver<bool>,
+    batch: &mut Vec<(u64, Stored)>,
+) -> bool {
+    for (offset, stored) in batch.drain(..) {
+        if *paused.borrow() {
+            break;
+        }
+        let message = match stored {
+            Stored::Event(envelope) => Message::Event(envelope),
+            Stored::Raw(wire) => match wire.decode() {
+                Ok(envelope) => Message::Event(Arc::new(envelope)),
+                Err(error) => Message::Undecodable { wire: (*wire).clone(), error },
+            },
+        };
+        let slot = match group.dispatcher.try_reserve() {
+            Some(slot) => slot,
+            None => {
+                topic.release_read(group.cursor.load(Ordering::Acquire));
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return true,
+                    slot = group.dispatcher.reserve() => slot,
+                }
+            }
+        };
+        group.dispatcher.push(slot, Delivery { message, acker: Box::new(NoAck) });
+        group.cursor.store(offset + 1, Ordering::Release);
+    }
+    false
+}
+
+/// A fetch task counted in [`Log::waiting_fetchers`] until dropped (woken, stopped or aborted).
+struct WaitingFetcher<'a> {
+    topic: &'a Topic,
+}
+
+impl<'a> WaitingFetcher<'a> {
+    fn new(topic: &'a Topic, log: &mut Log) -> Self {
+        log.waiting_fetchers += 1;
+        Self { topic }
+    }
+}
+
+impl Drop for WaitingFetcher<'_> {
+    fn drop(&mut self) {
+        lock(&self.topic.log).waiting_fetchers -= 1;
     }
 }
 

@@ -88,7 +88,7 @@ pub(super) fn validate_envelope(envelope: &Envelope) -> Result<(), ValidationErr
     if envelope.event_type.is_empty() {
         return Err(ValidationError::EmptyEventType);
     }
-    if let Some(position) = envelope.event_type.find(char::is_control) {
+    if let Some(position) = first_control(&envelope.event_type) {
         return Err(ValidationError::EventTypeCharacter { position });
     }
     if envelope.event_version == 0 {
@@ -105,7 +105,7 @@ pub(super) fn validate_envelope(envelope: &Envelope) -> Result<(), ValidationErr
         ("correlation_id", &envelope.correlation_id),
         ("tenant_id", &envelope.tenant_id),
     ] {
-        if value.as_deref().is_some_and(has_control) {
+        if value.as_deref().is_some_and(|value| first_control(value).is_some()) {
             return Err(ValidationError::ControlCharacterInValue { field: field.into() });
         }
     }
@@ -116,7 +116,7 @@ pub(super) fn validate_envelope(envelope: &Envelope) -> Result<(), ValidationErr
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
             return Err(ValidationError::InvalidHeaderName { name: name.clone() });
         }
-        if has_control(value) {
+        if first_control(value).is_some() {
             return Err(ValidationError::ControlCharacterInValue { field: format!("header {name:?}") });
         }
     }
@@ -130,16 +130,27 @@ fn validate_aggregate_id(id: &str) -> Result<(), ValidationError> {
     if id.len() > MAX_AGGREGATE_ID_LEN {
         return Err(ValidationError::AggregateIdTooLong { len: id.len() });
     }
-    if let Some((position, character)) =
-        id.char_indices().find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '-' | '.' | '/')))
+    // Bytes rather than chars: every allowed character is ASCII, so the first refused byte starts a character.
+    if let Some(position) =
+        id.bytes().position(|b| !(b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-' | b'.' | b'/')))
     {
+        let character = id[position..].chars().next().expect("a refused byte starts a character");
         return Err(ValidationError::AggregateIdCharacter { character, position });
     }
     Ok(())
 }
 
-fn has_control(value: &str) -> bool {
-    value.chars().any(char::is_control)
+/// The byte offset of the first control character (Unicode category Cc: U+0000–U+001F and U+007F–U+009F).
+///
+/// Every publish checks several fields, so this reads bytes instead of decoding chars: in UTF-8 those
+/// characters are the bytes below 0x20, 0x7F, and 0xC2 followed by 0x80–0x9F (0xC2 is only ever a lead byte).
+fn first_control(value: &str) -> Option<usize> {
+    let bytes = value.as_bytes();
+    (0..bytes.len()).find(|&i| match bytes[i] {
+        b if b < 0x20 || b == 0x7F => true,
+        0xC2 => bytes.get(i + 1).is_some_and(|next| (0x80..=0x9F).contains(next)),
+        _ => false,
+    })
 }
 
 /// Checks a topic name: 1 to [`MAX_TOPIC_LEN`] bytes of `[A-Za-z0-9_\-.]`, not starting or ending with `.`,
@@ -161,10 +172,11 @@ fn check_name(name: &str) -> Result<(), &'static str> {
     if name.len() > MAX_TOPIC_LEN {
         return Err("it is longer than 200 bytes");
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) {
+    let bytes = name.as_bytes();
+    if !bytes.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) {
         return Err("only A-Z a-z 0-9 _ - . are allowed");
     }
-    if name.starts_with('.') || name.ends_with('.') || name.contains("..") {
+    if bytes[0] == b'.' || bytes[bytes.len() - 1] == b'.' || bytes.windows(2).any(|pair| pair == b"..") {
         return Err("'.' separates words and cannot start, end or repeat");
     }
     Ok(())
@@ -222,5 +234,21 @@ mod tests {
         for bad in ["", ".a", "a.", "a..b", "a b", "a*", "a>", "ü", &"t".repeat(201)] {
             assert!(validate_topic(bad).is_err(), "{bad}");
         }
+    }
+
+    /// The byte-wise check finds exactly the characters `char::is_control` names, at their byte offsets.
+    #[test]
+    fn control_characters_match_the_unicode_category() {
+        for c in (0..=0x10FFFF).filter_map(char::from_u32) {
+            let value = format!("aé{c}b");
+            assert_eq!(first_control(&value), value.find(char::is_control), "U+{:04X}", c as u32);
+        }
+    }
+
+    #[test]
+    fn a_refused_aggregate_id_character_is_named_whole() {
+        let mut envelope = valid();
+        envelope.aggregate_id = "order-é".into();
+        assert_eq!(envelope.validate(), Err(ValidationError::AggregateIdCharacter { character: 'é', position: 6 }));
     }
 }
