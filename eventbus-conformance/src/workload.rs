@@ -59,7 +59,13 @@ impl Workload {
 
     /// Event `version` of aggregate `i`.
     pub fn event(&self, i: usize, version: u64) -> Envelope {
-        Envelope::builder(self.aggregate_id(i), "WorkloadEvent")
+        self.event_for(self.aggregate_id(i), version)
+    }
+
+    /// Event `version` of the aggregate whose id is `aggregate_id` (from [`aggregate_id`](Self::aggregate_id)),
+    /// for a publisher that formats its aggregate's id once rather than per event.
+    pub fn event_for(&self, aggregate_id: impl Into<String>, version: u64) -> Envelope {
+        Envelope::builder(aggregate_id, "WorkloadEvent")
             .version(version)
             .payload(vec![b'x'; self.payload.max(1)])
             .build()

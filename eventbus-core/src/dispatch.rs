@@ -54,12 +54,45 @@ pub enum Message {
 }
 
 impl Message {
-    fn key(&self) -> &str {
+    fn key(&self) -> Key {
         match self {
-            Message::Event(envelope) => &envelope.aggregate_id,
+            Message::Event(envelope) => Key(Some(envelope.clone())),
             // Undecodable messages have no trustworthy aggregate; they share one key of their own.
-            Message::Undecodable { .. } => "",
+            Message::Undecodable { .. } => Key(None),
         }
+    }
+}
+
+/// A delivery's aggregate id as the dispatcher's key. It shares the envelope the id belongs to instead of
+/// copying the id: a key is made for nearly every delivery. Hashes and compares as the id (`""` for
+/// undecodable messages), so queues can be looked up by `&str`.
+#[derive(Clone)]
+struct Key(Option<Arc<Envelope>>);
+
+impl Key {
+    fn as_str(&self) -> &str {
+        self.0.as_deref().map_or("", |envelope| envelope.aggregate_id.as_str())
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Key {}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // The same as `str`'s, which `Borrow<str>` requires.
+        self.as_str().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<str> for Key {
+    fn borrow(&self) -> &str {
+        self.as_str()
     }
 }
 
@@ -160,9 +193,9 @@ pub struct Dispatcher {
 struct Shared {
     topic: String,
     /// Keyed by aggregate id; foldhash because it is hashed on every delivery and stays seeded per process.
-    queues: Mutex<HashMap<Arc<str>, VecDeque<Queued>, foldhash::fast::RandomState>>,
-    ready_tx: async_channel::Sender<Arc<str>>,
-    ready_rx: async_channel::Receiver<Arc<str>>,
+    queues: Mutex<HashMap<Key, VecDeque<Queued>, foldhash::fast::RandomState>>,
+    ready_tx: async_channel::Sender<Key>,
+    ready_rx: async_channel::Receiver<Key>,
     capacity: Arc<Semaphore>,
     counters: Arc<Counters>,
     dead_letters: Arc<dyn DeadLetterSink>,
@@ -222,13 +255,13 @@ impl Dispatcher {
         // Only a key without one is sent to the ready channel, so no two workers ever hold the same key.
         let newly_ready = {
             let mut queues = lock(&self.shared.queues);
-            match queues.get_mut(queued.delivery.message.key()) {
+            let key = queued.delivery.message.key();
+            match queues.get_mut(key.as_str()) {
                 Some(queue) => {
                     queue.push_back(queued);
                     None
                 }
                 None => {
-                    let key: Arc<str> = Arc::from(queued.delivery.message.key());
                     queues.insert(key.clone(), VecDeque::from([queued]));
                     Some(key)
                 }
@@ -360,7 +393,7 @@ struct Worker {
 /// the delivery to the head of its key's queue, so it is neither lost nor overtaken.
 struct Held<'a> {
     shared: &'a Shared,
-    key: Arc<str>,
+    key: Key,
     item: Option<Queued>,
     abandoned: &'a AtomicUsize,
 }
@@ -375,10 +408,10 @@ impl Drop for Held<'_> {
                     queues.entry(self.key.clone()).or_default().push_front(item);
                     true
                 }
-                None => match queues.get(&self.key) {
+                None => match queues.get(self.key.as_str()) {
                     Some(queue) if !queue.is_empty() => true,
                     _ => {
-                        queues.remove(&self.key);
+                        queues.remove(self.key.as_str());
                         false
                     }
                 },
@@ -412,7 +445,7 @@ impl Worker {
                 },
                 _ = &mut stopped => return,
             };
-            let item = lock(&self.shared.queues).get_mut(&key).and_then(VecDeque::pop_front);
+            let item = lock(&self.shared.queues).get_mut(key.as_str()).and_then(VecDeque::pop_front);
             // Dropping `held` settles the key's schedule: back to the ready channel if deliveries remain,
             // otherwise its queue is removed.
             let mut held = Held { shared: &self.shared, key, item, abandoned: &self.abandoned };

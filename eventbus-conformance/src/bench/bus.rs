@@ -219,10 +219,11 @@ async fn publish_all(
         let (bus, workload, timings, receipts) = (bus.clone(), workload.clone(), timings.clone(), receipts.clone());
         let start = gate.waiter();
         publishers.spawn(async move {
+            let aggregate_id = workload.aggregate_id(i);
             start.await;
             let topic = workload.topic_of(i);
             for version in 1..=workload.versions {
-                let event = workload.event(i, version);
+                let event = workload.event_for(aggregate_id.as_str(), version);
                 let sent = Instant::now();
                 let slot = receipts.reserve().await;
                 match bus.publish(topic, event).await {

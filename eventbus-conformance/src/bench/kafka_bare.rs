@@ -108,10 +108,11 @@ pub async fn run(bootstrap: &str, level: Level, payload: usize, config: &BusConf
             (producer.clone(), workload.clone(), timings.clone(), deliveries.clone());
         let start = gate.waiter();
         publishers.spawn(async move {
+            let aggregate_id = workload.aggregate_id(i);
             start.await;
             let topic = workload.topic_of(i);
             for version in 1..=workload.versions {
-                let event = workload.event(i, version);
+                let event = workload.event_for(aggregate_id.as_str(), version);
                 let wire = wire::encode(&event);
                 let headers =
                     wire.headers.iter().fold(OwnedHeaders::new_with_capacity(wire.headers.len()), |h, (k, v)| {

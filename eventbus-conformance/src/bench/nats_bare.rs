@@ -130,11 +130,12 @@ pub async fn run(
         let (js, workload, timings, pending) = (js.clone(), workload.clone(), timings.clone(), pending.clone());
         let start = gate.waiter();
         publishers.spawn(async move {
+            let aggregate_id = workload.aggregate_id(i);
             start.await;
             // Aggregates spread evenly over the partitions, as the bus's hash spreads them.
             let subject = subject(workload.topic_of(i), i / workload.topics.len() % partitions.unwrap_or(1));
             for version in 1..=workload.versions {
-                let event = workload.event(i, version);
+                let event = workload.event_for(aggregate_id.as_str(), version);
                 let wire = wire::encode(&event);
                 let mut headers = HeaderMap::new();
                 for (name, value) in &wire.headers {
