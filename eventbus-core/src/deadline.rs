@@ -3,6 +3,17 @@
 //! `tokio::time::timeout` reads the clock and sets up a timer entry as soon as it is created, for every handler
 //! call and every publish ack. Most handler calls, and every in-memory ack, complete at their first poll, so
 //! [`LazyTimeout`] starts its timer only once the work has to wait: its limit runs from that first poll.
+//!
+//! ```
+//! use std::time::Duration;
+//! use eventbus_core::deadline::{lazy_timeout, TimedOut};
+//!
+//! # #[tokio::main] async fn main() {
+//! assert_eq!(lazy_timeout(Duration::from_secs(1), async { 7 }).await, Ok(7));
+//! let stuck = std::future::pending::<()>();
+//! assert_eq!(lazy_timeout(Duration::from_millis(10), stuck).await, Err(TimedOut));
+//! # }
+//! ```
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,12 +24,14 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
 /// The work did not finish within its limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct TimedOut;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the work did not finish within its limit")]
+pub struct TimedOut;
 
 pin_project! {
     /// Runs `work` for at most `limit` from its first poll; see [`lazy_timeout`].
-    pub(crate) struct LazyTimeout<F> {
+    #[must_use = "futures do nothing unless polled"]
+    pub struct LazyTimeout<F> {
         #[pin]
         work: F,
         limit: Duration,
@@ -28,7 +41,7 @@ pin_project! {
 }
 
 /// Runs `work` for at most `limit` from its first poll, starting a timer only if that poll does not finish it.
-pub(crate) fn lazy_timeout<F: Future>(limit: Duration, work: F) -> LazyTimeout<F> {
+pub fn lazy_timeout<F: Future>(limit: Duration, work: F) -> LazyTimeout<F> {
     LazyTimeout { work, limit, timer: None }
 }
 

@@ -35,7 +35,7 @@
 
 pub mod bus;
 pub mod config;
-mod deadline;
+pub mod deadline;
 pub mod dispatch;
 pub mod envelope;
 pub mod error;

@@ -9,6 +9,7 @@ use async_nats::jetstream::context::{ContextBuilder, PublishErrorKind};
 use async_nats::{Client, HeaderMap};
 use async_trait::async_trait;
 use bytes::Bytes;
+use eventbus_core::deadline::lazy_timeout;
 use eventbus_core::dispatch::{DeadLetterSink, Dispatcher, WorkerSettings};
 use eventbus_core::lifecycle::BusCore;
 use eventbus_core::subscription::SubscriptionControl;
@@ -201,7 +202,7 @@ impl EventBus for NatsBus {
         let subject = known.subjects[usize::from(partition)].clone();
         // Queuing on the client waits only while its send queue is full: bounded like the window itself.
         let enqueue_timeout = inner.config.publish.enqueue_timeout;
-        let sent = tokio::time::timeout(enqueue_timeout, live.js.publish_with_headers(subject, headers, payload))
+        let sent = lazy_timeout(enqueue_timeout, live.js.publish_with_headers(subject, headers, payload))
             .await
             .map_err(|_| Error::Backpressure { window: inner.config.publish.window, waited: enqueue_timeout })
             .and_then(|sent| sent.map_err(publish_error));

@@ -126,8 +126,10 @@ pub async fn run(
     let (pending, collector) = acks::collect::<PublishAckFuture>(window, timings.clone(), Result::is_ok);
     let gate = StartGate::new();
     let mut publishers = tokio::task::JoinSet::new();
+    // One copy shared by every publisher: 10,000 copies of the topic names at `scale` would be read cold.
+    let shared = Arc::new(workload.clone());
     for i in 0..workload.aggregates {
-        let (js, workload, timings, pending) = (js.clone(), workload.clone(), timings.clone(), pending.clone());
+        let (js, workload, timings, pending) = (js.clone(), shared.clone(), timings.clone(), pending.clone());
         let start = gate.waiter();
         publishers.spawn(async move {
             let aggregate_id = workload.aggregate_id(i);
