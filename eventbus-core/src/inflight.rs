@@ -148,24 +148,15 @@ impl PublishWindow {
     where
         F: Future<Output = Result<PublishAck>> + Send + 'static,
     {
-        let aggregate_id = self.results.as_ref().map(|_| aggregate_id.to_owned());
         let ack_timeout = self.ack_timeout;
         // One box for the ack and its deadline; polling it once here starts no timer when the ack is already
         // there, and otherwise starts the deadline now.
         let mut ack: AckFuture =
             async move { lazy_timeout(ack_timeout, ack).await.unwrap_or(Err(Error::AckTimeout(ack_timeout))) }.boxed();
         if let Some(result) = (&mut ack).now_or_never() {
-            record(&self.counters, &result);
-            if let (Some(results), Some(aggregate_id)) = (&self.results, aggregate_id) {
-                tokio::select! {
-                    _ = report(results, event_id, topic, aggregate_id, &result) => {}
-                    // A reader that stopped reading must not hold publishers past close().
-                    _ = self.give_up.cancelled() => {}
-                }
-            }
-            drop(slot);
-            return PublishReceipt::settled(event_id, result);
+            return self.settle(slot, topic, event_id, aggregate_id, result).await;
         }
+        let aggregate_id = self.results.as_ref().map(|_| aggregate_id.to_owned());
         let (reply, receiver) = oneshot::channel();
         let pending = Pending { event_id, topic: topic.clone(), aggregate_id, reply, _slot: slot };
         match self.pending.send(Settling { pending: Some(pending), ack }) {
@@ -177,6 +168,28 @@ impl PublishWindow {
                 PublishReceipt::settled(event_id, Err(Error::ClosedBeforeAck))
             }
         }
+    }
+
+    /// Settles, under `slot`, a publish whose outcome is already known (the message was stored, or refused,
+    /// as it was sent), and returns its receipt, ready at once. The collector is not involved.
+    pub async fn settle(
+        &self,
+        slot: WindowSlot,
+        topic: &Arc<str>,
+        event_id: EventId,
+        aggregate_id: &str,
+        result: Result<PublishAck>,
+    ) -> PublishReceipt {
+        record(&self.counters, &result);
+        if let Some(results) = &self.results {
+            tokio::select! {
+                _ = report(results, event_id, topic, aggregate_id.to_owned(), &result) => {}
+                // A reader that stopped reading must not hold publishers past close().
+                _ = self.give_up.cancelled() => {}
+            }
+        }
+        drop(slot);
+        PublishReceipt::settled(event_id, result)
     }
 
     /// Publishes awaiting an ack right now.

@@ -556,21 +556,21 @@ impl EventBus for MemoryBus {
         let slot = inner.core.admit().await?;
         let topic = inner.topic(topic);
         topic.reserve_room(&inner.config, deadline).await?;
-        let event_id = envelope.event_id;
-        let aggregate_id = envelope.aggregate_id.clone();
+        let envelope = Arc::new(envelope);
+        let (event_id, aggregate_id) = (envelope.event_id, envelope.aggregate_id.as_str());
         let ack = PublishAck::new(event_id, &*topic.name);
-        let stored = Stored::Event(Arc::new(envelope));
-        let receipt = match inner.hold_if_paused(&topic, stored) {
+        let receipt = match inner.hold_if_paused(&topic, Stored::Event(envelope.clone())) {
             Ok(stored_at) => {
                 let ack = async move {
                     stored_at.await.map(|offset| ack.with_sequence(offset)).map_err(|_| Error::ClosedBeforeAck)
                 };
-                inner.core.window.submit(slot, &topic.name, event_id, &aggregate_id, ack).await
+                inner.core.window.submit(slot, &topic.name, event_id, aggregate_id, ack).await
             }
             Err(stored) => {
+                // Stored at once: the receipt settles here, without the window's collector.
                 let offset = topic.append_reserved(stored, &inner.config);
-                let ack = std::future::ready(Ok(ack.with_sequence(offset)));
-                inner.core.window.submit(slot, &topic.name, event_id, &aggregate_id, ack).await
+                let acked = Ok(ack.with_sequence(offset));
+                inner.core.window.settle(slot, &topic.name, event_id, aggregate_id, acked).await
             }
         };
         Ok(receipt)

@@ -5,8 +5,9 @@
 //! and the slot frees when the collector takes the completed ack. For a bare run this is the bus's window
 //! rebuilt (without it, the bare client would have up to one message per publisher more in flight than the
 //! bus: 10,000 more at `scale`); for a bus run, whose own window frees its slot at the ack, it bounds the
-//! receipts settled but not yet taken (on the in-memory backend they settle at once, and a collector that
-//! falls behind 10,000 publishers would otherwise let them pile up).
+//! receipts settled but not yet taken. A receipt already settled when `publish` returns (the in-memory
+//! backend's, outside an outage) is recorded by its publisher at once ([`Acks::settled`]): there is nothing
+//! for the collector to wait for.
 
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -97,6 +98,21 @@ impl<F> Acks<F> {
         if self.handed.send(Handed { sent, slot, ack }).is_err() {
             timings.failed();
         }
+    }
+}
+
+impl<F> Acks<F> {
+    /// Records a publish begun at `sent` whose ack was there as soon as it was sent (the in-memory backend's
+    /// receipts): both latencies are taken now, and the collector has nothing to wait for.
+    pub(crate) fn settled(&self, timings: &PublishTimings, slot: AckSlot, sent: Instant, acked: bool) {
+        let latency = sent.elapsed();
+        record_latency(&timings.enqueue, latency);
+        if acked {
+            record_latency(&timings.ack, latency);
+        } else {
+            timings.failed();
+        }
+        drop(slot);
     }
 }
 

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use eventbus::{BusConfig, EventBus, EventBusExt, HandlerError, PublishReceipt, SubscribeOptions};
+use futures_util::FutureExt;
 use hdrhistogram::Histogram;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -229,7 +230,10 @@ async fn publish_all(
                 let sent = Instant::now();
                 let slot = receipts.reserve().await;
                 match bus.publish(topic, event).await {
-                    Ok(receipt) => receipts.hand_over(&timings, slot, sent, receipt),
+                    Ok(mut receipt) => match (&mut receipt).now_or_never() {
+                        Some(acked) => receipts.settled(&timings, slot, sent, acked.is_ok()),
+                        None => receipts.hand_over(&timings, slot, sent, receipt),
+                    },
                     Err(_) => timings.failed(),
                 }
             }
