@@ -1,13 +1,13 @@
 //! Where the publishers of every run hand their acks: one collector task settles them as they complete, and
 //! takes each ack's latency then.
 //!
-//! Every run bounds what it has handed over to the publish window: a publisher takes a slot before it sends,
-//! and the slot frees when the collector takes the completed ack. For a bare run this is the bus's window
-//! rebuilt (without it, the bare client would have up to one message per publisher more in flight than the
-//! bus: 10,000 more at `scale`); for a bus run, whose own window frees its slot at the ack, it bounds the
-//! receipts settled but not yet taken. A receipt already settled when `publish` returns (the in-memory
-//! backend's, outside an outage) is recorded by its publisher at once ([`Acks::settled`]): there is nothing
-//! for the collector to wait for.
+//! Every run bounds what it has handed over to the publish window: a slot is taken per ack handed over, and
+//! frees when the collector takes the completed ack. A bare publisher takes its slot before it sends: this is
+//! the bus's window rebuilt (without it, the bare client would have up to one message per publisher more in
+//! flight than the bus: 10,000 more at `scale`). A bus publisher, whose bus bounds what is in flight with its
+//! own window, takes a slot after `publish` returns, for a receipt still pending: the bound then keeps settled
+//! receipts the collector has yet to take from piling up. A receipt already settled when `publish` returns
+//! (the in-memory backend's, outside an outage) is recorded by its publisher at once ([`Acks::settled`]).
 
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -104,7 +104,7 @@ impl<F> Acks<F> {
 impl<F> Acks<F> {
     /// Records a publish begun at `sent` whose ack was there as soon as it was sent (the in-memory backend's
     /// receipts): both latencies are taken now, and the collector has nothing to wait for.
-    pub(crate) fn settled(&self, timings: &PublishTimings, slot: AckSlot, sent: Instant, acked: bool) {
+    pub(crate) fn settled(&self, timings: &PublishTimings, sent: Instant, acked: bool) {
         let latency = sent.elapsed();
         record_latency(&timings.enqueue, latency);
         if acked {
@@ -112,7 +112,6 @@ impl<F> Acks<F> {
         } else {
             timings.failed();
         }
-        drop(slot);
     }
 }
 
