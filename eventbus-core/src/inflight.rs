@@ -182,11 +182,8 @@ impl PublishWindow {
     ) -> PublishReceipt {
         record(&self.counters, &result);
         if let Some(results) = &self.results {
-            tokio::select! {
-                _ = report(results, event_id, topic, aggregate_id.to_owned(), &result) => {}
-                // A reader that stopped reading must not hold publishers past close().
-                _ = self.give_up.cancelled() => {}
-            }
+            // A reader that stopped reading must not hold publishers past close().
+            report(results, &self.give_up, event_id, topic, aggregate_id.to_owned(), &result).await;
         }
         drop(slot);
         PublishReceipt::settled(event_id, result)
@@ -288,11 +285,8 @@ impl Collector {
     async fn settle(&self, pending: Pending, result: Result<PublishAck>, give_up: &CancellationToken) {
         record(&self.counters, &result);
         if let (Some(results), Some(aggregate_id)) = (&self.results, pending.aggregate_id) {
-            tokio::select! {
-                _ = report(results, pending.event_id, &pending.topic, aggregate_id, &result) => {}
-                // A reader that stopped reading must not hold close() past its deadline.
-                _ = give_up.cancelled() => {}
-            }
+            // A reader that stopped reading must not hold close() past its deadline.
+            report(results, give_up, pending.event_id, &pending.topic, aggregate_id, &result).await;
         }
         let _ = pending.reply.send(result);
     }
@@ -305,14 +299,23 @@ fn record(counters: &Counters, result: &Result<PublishAck>) {
     }
 }
 
-async fn report(
-    results: &mpsc::Sender<PublishResult>,
+/// Sends one outcome to the publish-result stream, unless `give_up` fires first. Boxed: the send's state is
+/// large, and only buses that report results should carry it in every publish future (10,000 publishers
+/// waiting at once hold 10,000 of them).
+fn report<'a>(
+    results: &'a mpsc::Sender<PublishResult>,
+    give_up: &'a CancellationToken,
     event_id: EventId,
     topic: &str,
     aggregate_id: String,
     outcome: &Result<PublishAck>,
-) {
+) -> BoxFuture<'a, ()> {
     let result = PublishResult { event_id, topic: topic.to_owned(), aggregate_id, outcome: outcome.clone() };
-    // A closed receiver means nobody reads the stream any more; the receipt still carries the outcome.
-    let _ = results.send(result).await;
+    Box::pin(async move {
+        tokio::select! {
+            // A closed receiver means nobody reads the stream any more; the receipt still carries the outcome.
+            _ = results.send(result) => {}
+            _ = give_up.cancelled() => {}
+        }
+    })
 }

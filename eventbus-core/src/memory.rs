@@ -553,10 +553,11 @@ impl EventBus for MemoryBus {
         let inner = &self.inner;
         let deadline = Instant::now() + inner.config.publish.enqueue_timeout;
         inner.core.count_rejection(inner.check(topic, &envelope))?;
+        // Shared from here on: the publish future then holds a pointer rather than the envelope while it waits.
+        let envelope = Arc::new(envelope);
         let slot = inner.core.admit().await?;
         let topic = inner.topic(topic);
         topic.reserve_room(&inner.config, deadline).await?;
-        let envelope = Arc::new(envelope);
         let (event_id, aggregate_id) = (envelope.event_id, envelope.aggregate_id.as_str());
         let ack = PublishAck::new(event_id, &*topic.name);
         let receipt = match inner.hold_if_paused(&topic, Stored::Event(envelope.clone())) {
@@ -564,7 +565,8 @@ impl EventBus for MemoryBus {
                 let ack = async move {
                     stored_at.await.map(|offset| ack.with_sequence(offset)).map_err(|_| Error::ClosedBeforeAck)
                 };
-                inner.core.window.submit(slot, &topic.name, event_id, aggregate_id, ack).await
+                // Boxed: an outage is rare, and this path's state would otherwise size every publish future.
+                Box::pin(inner.core.window.submit(slot, &topic.name, event_id, aggregate_id, ack)).await
             }
             Err(stored) => {
                 // Stored at once: the receipt settles here, without the window's collector.
