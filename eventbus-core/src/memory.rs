@@ -491,6 +491,7 @@ async fn dispatch_batch(
 ) -> bool {
     for (offset, stored) in batch.drain(..) {
         if *paused.borrow() {
+            // The rest of the batch is fetched again after the outage.
             break;
         }
         let message = match stored {
@@ -553,7 +554,7 @@ impl EventBus for MemoryBus {
         let inner = &self.inner;
         let deadline = Instant::now() + inner.config.publish.enqueue_timeout;
         inner.core.count_rejection(inner.check(topic, &envelope))?;
-        // Shared from here on: the publish future then holds a pointer rather than the envelope while it waits.
+        // Shared with the log and the groups' dispatchers once stored.
         let envelope = Arc::new(envelope);
         let slot = inner.core.admit().await?;
         let topic = inner.topic(topic);
