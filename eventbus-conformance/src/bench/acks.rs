@@ -5,13 +5,15 @@
 //! frees when the collector takes the completed ack. A bare publisher takes its slot before it sends: this is
 //! the bus's window rebuilt (without it, the bare client would have up to one message per publisher more in
 //! flight than the bus: 10,000 more at `scale`). A bus publisher, whose bus bounds what is in flight with its
-//! own window, takes a slot after `publish` returns, for a receipt still pending: the bound then keeps settled
-//! receipts the collector has yet to take from piling up. A receipt already settled when `publish` returns
-//! (the in-memory backend's, outside an outage) is recorded by its publisher at once ([`Acks::settled`]).
+//! own window, takes a slot after `publish` returns, for a receipt still pending, from a bound twice the
+//! window: up to a window of receipts pending in the bus and a window settled but not yet taken, so that only
+//! the bus's own window holds its publishers back. Its publish latency ends when `publish` returns. A receipt
+//! already settled then (the in-memory backend's, outside an outage) is recorded by its publisher at once
+//! ([`Acks::settled`]).
 
 use std::future::IntoFuture;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -94,7 +96,20 @@ impl<F> Acks<F> {
     /// Hands over the ack of a publish begun at `sent` (before its [`reserve`](Self::reserve)), and takes the
     /// publish latency: the wait for room plus the send.
     pub(crate) fn hand_over(&self, timings: &PublishTimings, slot: AckSlot, sent: Instant, ack: F) {
-        record_latency(&timings.enqueue, sent.elapsed());
+        self.hand_over_accepted(timings, slot, sent, sent.elapsed(), ack);
+    }
+
+    /// Hands over the ack of a publish begun at `sent` that was accepted after `accepted`: for a client with a
+    /// window of its own, whose publish latency ends when it accepts, before this room was taken.
+    pub(crate) fn hand_over_accepted(
+        &self,
+        timings: &PublishTimings,
+        slot: AckSlot,
+        sent: Instant,
+        accepted: Duration,
+        ack: F,
+    ) {
+        record_latency(&timings.enqueue, accepted);
         if self.handed.send(Handed { sent, slot, ack }).is_err() {
             timings.failed();
         }
@@ -102,13 +117,12 @@ impl<F> Acks<F> {
 }
 
 impl<F> Acks<F> {
-    /// Records a publish begun at `sent` whose ack was there as soon as it was sent (the in-memory backend's
-    /// receipts): both latencies are taken now, and the collector has nothing to wait for.
-    pub(crate) fn settled(&self, timings: &PublishTimings, sent: Instant, acked: bool) {
-        let latency = sent.elapsed();
-        record_latency(&timings.enqueue, latency);
+    /// Records a publish begun at `sent`, accepted after `accepted`, whose ack was there as soon as it was sent
+    /// (the in-memory backend's receipts): the collector has nothing to wait for.
+    pub(crate) fn settled(&self, timings: &PublishTimings, sent: Instant, accepted: Duration, acked: bool) {
+        record_latency(&timings.enqueue, accepted);
         if acked {
-            record_latency(&timings.ack, latency);
+            record_latency(&timings.ack, sent.elapsed());
         } else {
             timings.failed();
         }
