@@ -114,9 +114,7 @@ impl<F> Acks<F> {
             timings.failed();
         }
     }
-}
 
-impl<F> Acks<F> {
     /// Records a publish begun at `sent`, accepted after `accepted`, whose ack was there as soon as it was sent
     /// (the in-memory backend's receipts): the collector has nothing to wait for.
     pub(crate) fn settled(&self, timings: &PublishTimings, sent: Instant, accepted: Duration, acked: bool) {
