@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore, SemaphorePermit};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -276,14 +276,12 @@ impl Inner {
 }
 
 impl Topic {
-    /// Waits for room for one more unread event, at most until `deadline` (see [`Topic::room`]).
-    async fn reserve_room(&self, config: &BusConfig, deadline: Instant) -> Result<()> {
+    /// Waits for room for one more unread event, at most until `deadline` (see [`Topic::room`]). The room is
+    /// given back if the permit is dropped; once the event is stored, [`SemaphorePermit::forget`] it: it comes
+    /// back through `release_read` when every group has read the event.
+    async fn reserve_room(&self, config: &BusConfig, deadline: Instant) -> Result<SemaphorePermit<'_>> {
         match tokio::time::timeout_at(deadline, self.room.acquire()).await {
-            Ok(Ok(permit)) => {
-                // Returned by `release_read` once every group has read the event, not when this scope ends.
-                permit.forget();
-                Ok(())
-            }
+            Ok(Ok(permit)) => Ok(permit),
             // Closed by close(): the bus no longer takes publishes.
             Ok(Err(_)) => Err(Error::Closed),
             Err(_) => Err(Error::Broker {
@@ -556,9 +554,13 @@ impl EventBus for MemoryBus {
         inner.core.count_rejection(inner.check(topic, &envelope))?;
         // Shared with the log and the groups' dispatchers once stored.
         let envelope = Arc::new(envelope);
-        let slot = inner.core.admit().await?;
         let topic = inner.topic(topic);
-        topic.reserve_room(&inner.config, deadline).await?;
+        // Room before the window's slot: a publish waiting for consumers to catch up then holds no slot, and
+        // the publish that gets room is not woken a second time for a slot freed by another.
+        let room = topic.reserve_room(&inner.config, deadline).await?;
+        let slot = inner.core.admit().await?;
+        // Kept until every group has read the event (see `reserve_room`); a failed admit above gave it back.
+        room.forget();
         let (event_id, aggregate_id) = (envelope.event_id, envelope.aggregate_id.as_str());
         let ack = PublishAck::new(event_id, &*topic.name);
         let receipt = match inner.hold_if_paused(&topic, Stored::Event(envelope.clone())) {

@@ -71,3 +71,52 @@ async fn a_full_backlog_holds_publishes_back_until_the_group_catches_up() {
     subscription.close().await;
     bus.close().await;
 }
+
+/// A publish refused for want of a window slot (acks held by an outage) gives its backlog room back: the room
+/// of events never stored must not shrink the backlog for good.
+#[tokio::test]
+async fn a_publish_refused_by_the_window_gives_its_backlog_room_back() {
+    let mut config = BusConfig::default();
+    config.memory.history = 0;
+    config.memory.max_backlog = 2;
+    config.publish.window = 1;
+    config.publish.enqueue_timeout = Duration::from_millis(100);
+    config.publish.ack_timeout = Duration::from_secs(5);
+    let bus = Arc::new(MemoryBus::new(config).unwrap());
+    let (seen, mut delivered) = mpsc::unbounded_channel();
+    let subscription = bus
+        .subscribe_with("orders", SubscribeOptions::group("g"), move |event| {
+            let seen = seen.clone();
+            async move {
+                seen.send(event.event_version).unwrap();
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .await
+        .unwrap();
+
+    // During an outage the first publish holds the only window slot; the next ones take room, then are refused.
+    bus.pause();
+    let held = bus.publish("orders", event(1)).await.expect("the first publish is held, not refused");
+    for version in 2..=4 {
+        let refused = bus.publish("orders", event(version)).await.expect_err("no window slot during the outage");
+        assert!(refused.to_string().contains("window"), "{refused}");
+    }
+    bus.resume();
+    held.await.expect("the held publish is stored after the outage");
+
+    // Had each refused publish kept its room, the backlog of 2 would now hold none.
+    for version in 2..=5 {
+        tokio::time::timeout(Duration::from_secs(2), async { bus.publish("orders", event(version)).await?.await })
+            .await
+            .expect("room came back")
+            .unwrap();
+    }
+    let mut versions = Vec::new();
+    while versions.len() < 5 {
+        versions.push(tokio::time::timeout(Duration::from_secs(5), delivered.recv()).await.unwrap().unwrap());
+    }
+    assert_eq!(versions, [1, 2, 3, 4, 5]);
+    subscription.close().await;
+    bus.close().await;
+}
