@@ -17,7 +17,7 @@ use crate::backend::{Backend, Capabilities, Connection, Partitioning, RawAccess}
 use crate::fixture::{Broker, BrokerFaults, BrokerSpec, Ready};
 use crate::harness::{figures, print_figures};
 use crate::suites::DELIVERY_DEADLINE;
-use crate::workload::{foreign_message, forward_into, unique};
+use crate::workload::{foreign_message, forward_into, share_into, unique};
 
 /// Environment variable naming the NATS image.
 pub const IMAGE_VARIABLE: &str = "EVENTBUS_NATS_IMAGE";
@@ -633,20 +633,7 @@ async fn shared_partitions(nats: &Nats) -> anyhow::Result<()> {
     let mut members = Vec::new();
     let counts: [Arc<std::sync::atomic::AtomicUsize>; 2] = Default::default();
     for count in &counts {
-        let (recorder, count) = (recorder.clone(), count.clone());
-        members.push(
-            bus.subscribe_with(topic, SubscribeOptions::group("shared").concurrency(4), move |event| {
-                let (recorder, count) = (recorder.clone(), count.clone());
-                async move {
-                    // Long enough that one member cannot drain the topic alone.
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                    recorder.record(&event);
-                    count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    Ok(())
-                }
-            })
-            .await?,
-        );
+        members.push(share_into(bus.as_ref(), topic, "shared", recorder.clone(), count.clone()).await?);
     }
     let published = workload.publish(bus.clone()).await;
     let complete = recorder.wait_for(workload.total(), DELIVERY_DEADLINE).await;

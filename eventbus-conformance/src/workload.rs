@@ -1,6 +1,7 @@
 //! The seed's workload shape: aggregates spread over topics, one publisher task per aggregate sending its
 //! versions in order.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -125,6 +126,28 @@ pub async fn record_into(
         let recorder = recorder.clone();
         async move {
             recorder.record(&event);
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+}
+
+/// Subscribes one member of consumer group `group` (4 workers) that records every event it receives into the
+/// group's `recorder` and counts it in its own `count`. Each event takes 2 ms, long enough that one member
+/// cannot drain a topic alone, so the counts show how the group shared the events.
+pub async fn share_into(
+    bus: &dyn EventBus,
+    topic: &str,
+    group: &str,
+    recorder: Arc<Recorder>,
+    count: Arc<AtomicUsize>,
+) -> eventbus::Result<Subscription> {
+    bus.subscribe_with(topic, SubscribeOptions::group(group).concurrency(4), move |event| {
+        let (recorder, count) = (recorder.clone(), count.clone());
+        async move {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            recorder.record(&event);
+            count.fetch_add(1, Ordering::Relaxed);
             Ok::<(), HandlerError>(())
         }
     })

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, ensure, Context};
-use eventbus::{Envelope, Error, EventBus, EventBusExt, HandlerError, SubscribeOptions, ValidationError};
+use eventbus::{Envelope, Error, EventBus, EventBusExt, SubscribeOptions, ValidationError};
 
 use super::DELIVERY_DEADLINE;
 use crate::backend::{Backend, Connection};
 use crate::harness::{figures, not_run};
 use crate::recorder::Recorder;
-use crate::workload::{forward_into, record_into, unique, Workload};
+use crate::workload::{forward_into, record_into, share_into, unique, Workload};
 
 const SUITE: &str = "delivery";
 
@@ -113,20 +113,7 @@ async fn consumer_groups(backend: &dyn Backend, connection: &Connection) -> anyh
     let counts: [Arc<AtomicUsize>; 2] = Default::default();
     let mut subscriptions = vec![record_into(bus, topic, SubscribeOptions::group("alone"), alone.clone()).await?];
     for count in &counts {
-        let (shared, count) = (shared.clone(), count.clone());
-        subscriptions.push(
-            bus.subscribe_with(topic, SubscribeOptions::group("shared").concurrency(4), move |event| {
-                let (shared, count) = (shared.clone(), count.clone());
-                async move {
-                    // Long enough that one member cannot drain the topic alone.
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                    shared.record(&event);
-                    count.fetch_add(1, Ordering::Relaxed);
-                    Ok::<(), HandlerError>(())
-                }
-            })
-            .await?,
-        );
+        subscriptions.push(share_into(bus, topic, "shared", shared.clone(), count.clone()).await?);
     }
     let published = workload.publish(connection.bus.clone()).await;
     let complete = alone.wait_for(total, DELIVERY_DEADLINE).await && shared.wait_for(total, DELIVERY_DEADLINE).await;
