@@ -115,10 +115,14 @@ pub(crate) async fn fetch(
     let topic = consumer.get().context().topic.clone();
     let mut commits = tokio::time::interval(COMMIT_EVERY);
     commits.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // One cancellation waiter for the task's life: registering one per record takes the token's locks, which
+    // the subscription's workers share.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         tokio::select! {
             biased;
-            _ = stop.cancelled() => break,
+            _ = &mut stopped => break,
             _ = commits.tick() => {
                 let committed = commit(&**consumer.get(), &topic, &tracker, None, CommitMode::Async);
                 if !committed.is_empty() {
@@ -131,12 +135,16 @@ pub(crate) async fn fetch(
                     tracing::trace!(%topic, partition = record.partition(), offset = record.offset(), "received");
                     let ticket = tracker.received(record.partition(), record.offset());
                     let delivery = delivery(&record, KafkaAcker { tracker: tracker.clone(), ticket, settled: false });
-                    tokio::select! {
-                        biased;
-                        // Never dispatched: dropping the delivery hands its offset back.
-                        _ = stop.cancelled() => break,
-                        _ = dispatcher.dispatch(delivery) => {}
-                    }
+                    let slot = match dispatcher.try_reserve() {
+                        Some(slot) => slot,
+                        None => tokio::select! {
+                            biased;
+                            // Never dispatched: dropping the delivery hands its offset back.
+                            _ = &mut stopped => break,
+                            slot = dispatcher.reserve() => slot,
+                        },
+                    };
+                    dispatcher.push(slot, delivery);
                 }
                 Err(error) => {
                     tracing::warn!(%topic, %error, "consumer error");

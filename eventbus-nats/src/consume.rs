@@ -18,7 +18,7 @@ use futures_util::FutureExt;
 use tokio::sync::mpsc;
 
 use crate::provision::TakenOver;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 /// Server heartbeat on idle pull streams: a dead connection is noticed within two of them.
 const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -170,10 +170,14 @@ pub(crate) async fn fetch(
     let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + progress_interval, progress_interval);
     progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reopening: FuturesUnordered<Reopen> = FuturesUnordered::new();
+    // One cancellation waiter for the task's life: registering one per message takes the token's locks, which
+    // the subscription's workers share.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let pulled = tokio::select! {
             biased;
-            _ = stop.cancelled() => break,
+            _ = &mut stopped => break,
             _ = progress.tick() => {
                 keep_queued_alive(&dispatcher).await;
                 continue;
@@ -205,7 +209,7 @@ pub(crate) async fn fetch(
                     continue;
                 }
                 let delivery = delivery(message, claim);
-                let Some(slot) = reserve(&dispatcher, &mut progress, &stop).await else {
+                let Some(slot) = reserve(&dispatcher, &mut progress, stopped.as_mut()).await else {
                     delivery.acker.release().await;
                     break;
                 };
@@ -235,19 +239,22 @@ async fn keep_queued_alive(dispatcher: &Dispatcher) {
     futures_util::future::join_all(dispatcher.queued_progress()).await;
 }
 
-/// Room in the dispatcher, or `None` at `stop`. A full dispatcher is when its queues are longest: their
-/// progress notices go on while this waits.
+/// Room in the dispatcher, or `None` once `stopped` completes. A full dispatcher is when its queues are
+/// longest: their progress notices go on while this waits.
 async fn reserve(
     dispatcher: &Dispatcher,
     progress: &mut tokio::time::Interval,
-    stop: &CancellationToken,
+    mut stopped: Pin<&mut WaitForCancellationFuture<'_>>,
 ) -> Option<DispatchSlot> {
+    if let Some(slot) = dispatcher.try_reserve() {
+        return Some(slot);
+    }
     let reserve = dispatcher.reserve();
     tokio::pin!(reserve);
     loop {
         tokio::select! {
             biased;
-            _ = stop.cancelled() => return None,
+            _ = &mut stopped => return None,
             _ = progress.tick() => keep_queued_alive(dispatcher).await,
             slot = &mut reserve => return Some(slot),
         }
