@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eventbus_core::dispatch::{DeadLetterSink, Dispatcher, WorkerSettings};
+use eventbus_core::inflight::WindowSlot;
 use eventbus_core::lifecycle::BusCore;
 use eventbus_core::subscription::SubscriptionControl;
 use eventbus_core::wire::{self, WireMessage};
@@ -114,17 +115,50 @@ impl Inner {
         self.live.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(Error::Closed)
     }
 
-    /// Everything `publish` checks before anything is sent.
-    fn check(&self, topic: &str, envelope: &Envelope) -> Result<WireMessage> {
+    /// Everything `publish` checks before anything is sent, without encoding: a publish that then waits for
+    /// window room holds only its envelope.
+    fn check(&self, topic: &str, envelope: &Envelope) -> Result<()> {
         validate_topic(topic)?;
         envelope.validate()?;
-        let wire = wire::encode(envelope);
-        let size = wire.payload.len() + wire.headers.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>();
+        let size = wire::encoded_size(envelope).bytes;
         let limit = self.config.kafka.max_message_bytes;
         if size > limit {
             return Err(Error::PayloadTooLarge { size, limit, backend: "kafka.max_message_bytes".into() });
         }
-        Ok(wire)
+        Ok(())
+    }
+
+    /// Sends a checked `envelope` under the window slot it was admitted with, and hands its ack to the window.
+    async fn send(&self, live: &Live, slot: WindowSlot, topic: &str, envelope: Envelope) -> Result<PublishReceipt> {
+        let core = &self.core;
+        let known = core.count_rejection(live.provisioner.topic(topic).await)?;
+        let wire = wire::encode(&envelope);
+        let record = FutureRecord::<str, [u8]>::to(&known)
+            .key(envelope.aggregate_id.as_str())
+            .payload(&wire.payload)
+            .headers(headers(&wire));
+        let sent = live.producer.send_result(record).map_err(|(error, _)| match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::QueueFull) => {
+                Error::Backpressure { window: self.config.publish.window, waited: Duration::ZERO }
+            }
+            _ => Error::broker("the producer refused the record", error),
+        });
+        let delivery = core.count_rejection(sent)?;
+        let (event_id, topic_name, ack_timeout) = (envelope.event_id, known.clone(), live.ack_timeout);
+        let connection = self.connection.clone();
+        let ack = async move {
+            match delivery.await {
+                Ok(Ok(delivery)) => {
+                    connection.up();
+                    Ok(PublishAck::new(event_id, &*topic_name)
+                        .with_partition(delivery.partition)
+                        .with_sequence(u64::try_from(delivery.offset).unwrap_or_default()))
+                }
+                Ok(Err((error, _))) => Err(delivery_error(error, ack_timeout)),
+                Err(_) => Err(Error::ClosedBeforeAck),
+            }
+        };
+        Ok(core.window.submit(slot, &known, event_id, &envelope.aggregate_id, ack).await)
     }
 }
 
@@ -182,35 +216,11 @@ impl EventBus for KafkaBus {
         let inner = &self.inner;
         let core = &inner.core;
         let live = core.count_rejection(inner.live())?;
-        let wire = core.count_rejection(inner.check(topic, &envelope))?;
+        core.count_rejection(inner.check(topic, &envelope))?;
         let slot = core.admit().await?;
-        let known = core.count_rejection(live.provisioner.topic(topic).await)?;
-        let record = FutureRecord::<str, [u8]>::to(&known)
-            .key(envelope.aggregate_id.as_str())
-            .payload(&wire.payload)
-            .headers(headers(&wire));
-        let sent = live.producer.send_result(record).map_err(|(error, _)| match error.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::QueueFull) => {
-                Error::Backpressure { window: inner.config.publish.window, waited: Duration::ZERO }
-            }
-            _ => Error::broker("the producer refused the record", error),
-        });
-        let delivery = core.count_rejection(sent)?;
-        let (event_id, topic_name, ack_timeout) = (envelope.event_id, known.clone(), live.ack_timeout);
-        let connection = inner.connection.clone();
-        let ack = async move {
-            match delivery.await {
-                Ok(Ok(delivery)) => {
-                    connection.up();
-                    Ok(PublishAck::new(event_id, &*topic_name)
-                        .with_partition(delivery.partition)
-                        .with_sequence(u64::try_from(delivery.offset).unwrap_or_default()))
-                }
-                Ok(Err((error, _))) => Err(delivery_error(error, ack_timeout)),
-                Err(_) => Err(Error::ClosedBeforeAck),
-            }
-        };
-        Ok(core.window.submit(slot, &known, event_id, &envelope.aggregate_id, ack).await)
+        // Boxed: thousands of publishes may wait for window room above, and each of them is only as large as
+        // the state it waits in.
+        Box::pin(inner.send(&live, slot, topic, envelope)).await
     }
 
     async fn subscribe(

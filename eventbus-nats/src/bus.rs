@@ -8,9 +8,9 @@ use async_nats::header::{HeaderName, HeaderValue, NATS_MESSAGE_ID};
 use async_nats::jetstream::context::{ContextBuilder, PublishErrorKind};
 use async_nats::{Client, HeaderMap};
 use async_trait::async_trait;
-use bytes::Bytes;
 use eventbus_core::deadline::lazy_timeout;
 use eventbus_core::dispatch::{DeadLetterSink, Dispatcher, WorkerSettings};
+use eventbus_core::inflight::WindowSlot;
 use eventbus_core::lifecycle::BusCore;
 use eventbus_core::subscription::SubscriptionControl;
 use eventbus_core::wire::{self, WireMessage};
@@ -91,19 +91,48 @@ impl Inner {
     }
 
     /// Everything `publish` checks before anything is sent.
-    fn check(&self, live: &Live, topic: &str, envelope: &Envelope) -> Result<(HeaderMap, Bytes)> {
+    fn check(&self, live: &Live, topic: &str, envelope: &Envelope) -> Result<()> {
         validate_topic(topic)?;
         envelope.validate()?;
-        let wire = wire::encode(envelope);
-        let size = wire.payload.len() + wire.headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum::<usize>() + 64;
+        // Measured without encoding: a publish that then waits for window room holds only its envelope.
+        let encoded = wire::encoded_size(envelope);
+        let size = encoded.bytes + encoded.headers * 4 + 64;
         let limit = live.client.max_payload();
         if size > limit {
             return Err(Error::PayloadTooLarge { size, limit, backend: "the NATS server's max_payload".into() });
         }
-        let mut headers = headers(wire.headers)?;
-        headers.insert(NATS_MESSAGE_ID, HeaderValue::from(envelope.event_id.to_string()));
-        Ok((headers, wire.payload))
+        Ok(())
     }
+
+    /// Sends a checked `envelope` under the window slot it was admitted with, and hands its ack to the window.
+    async fn send(&self, live: &Live, slot: WindowSlot, topic: &str, envelope: Envelope) -> Result<PublishReceipt> {
+        let core = &self.core;
+        let known = core.count_rejection(live.provisioner.topic(topic).await)?;
+        let headers = core.count_rejection(envelope_headers(&envelope))?;
+        let payload = envelope.payload.clone();
+        let partition = partition_of(&envelope.aggregate_id, live.provisioner.partitions());
+        let subject = known.subjects[usize::from(partition)].clone();
+        // Queuing on the client waits only while its send queue is full: bounded like the window itself.
+        let enqueue_timeout = self.config.publish.enqueue_timeout;
+        let sent = lazy_timeout(enqueue_timeout, live.js.publish_with_headers(subject, headers, payload))
+            .await
+            .map_err(|_| Error::Backpressure { window: self.config.publish.window, waited: enqueue_timeout })
+            .and_then(|sent| sent.map_err(publish_error));
+        let ack = core.count_rejection(sent)?;
+        let (event_id, topic_name) = (envelope.event_id, known.name.clone());
+        let ack = async move {
+            let ack = ack.await.map_err(publish_error)?;
+            Ok(PublishAck::new(event_id, &*topic_name).with_sequence(ack.sequence).with_duplicate(ack.duplicate))
+        };
+        Ok(core.window.submit(slot, &known.name, event_id, &envelope.aggregate_id, ack).await)
+    }
+}
+
+/// The message headers of `envelope`, its id as `Nats-Msg-Id` for the server's de-duplication included.
+fn envelope_headers(envelope: &Envelope) -> Result<HeaderMap> {
+    let mut headers = headers(wire::encode(envelope).headers)?;
+    headers.insert(NATS_MESSAGE_ID, HeaderValue::from(envelope.event_id.to_string()));
+    Ok(headers)
 }
 
 /// The message headers of a wire message, refusing names or values NATS cannot carry (validation already
@@ -195,24 +224,11 @@ impl EventBus for NatsBus {
         let inner = &self.inner;
         let core = &inner.core;
         let live = core.count_rejection(inner.live())?;
-        let (headers, payload) = core.count_rejection(inner.check(&live, topic, &envelope))?;
+        core.count_rejection(inner.check(&live, topic, &envelope))?;
         let slot = core.admit().await?;
-        let known = core.count_rejection(live.provisioner.topic(topic).await)?;
-        let partition = partition_of(&envelope.aggregate_id, live.provisioner.partitions());
-        let subject = known.subjects[usize::from(partition)].clone();
-        // Queuing on the client waits only while its send queue is full: bounded like the window itself.
-        let enqueue_timeout = inner.config.publish.enqueue_timeout;
-        let sent = lazy_timeout(enqueue_timeout, live.js.publish_with_headers(subject, headers, payload))
-            .await
-            .map_err(|_| Error::Backpressure { window: inner.config.publish.window, waited: enqueue_timeout })
-            .and_then(|sent| sent.map_err(publish_error));
-        let ack = core.count_rejection(sent)?;
-        let (event_id, topic_name) = (envelope.event_id, known.name.clone());
-        let ack = async move {
-            let ack = ack.await.map_err(publish_error)?;
-            Ok(PublishAck::new(event_id, &*topic_name).with_sequence(ack.sequence).with_duplicate(ack.duplicate))
-        };
-        Ok(core.window.submit(slot, &known.name, event_id, &envelope.aggregate_id, ack).await)
+        // Boxed: thousands of publishes may wait for window room above, and each of them is only as large as
+        // the state it waits in.
+        Box::pin(inner.send(&live, slot, topic, envelope)).await
     }
 
     async fn subscribe(
