@@ -136,7 +136,7 @@ async fn open_counted(claim: Arc<Claim>, pulling: Pulling) -> Result<PartitionSt
     let messages = claim
         .consumer
         .stream()
-        .max_messages_per_batch(16)
+        .max_messages_per_batch(pull_batch(&claim.consumer))
         .heartbeat(HEARTBEAT)
         .expires(PULL_EXPIRES)
         .messages()
@@ -153,6 +153,13 @@ async fn open_counted(claim: Arc<Claim>, pulling: Pulling) -> Result<PartitionSt
     });
     let revoked = claim.revoked.clone().cancelled_owned();
     Ok(messages.take_until(revoked).chain(stream::once(async move { Pulled::Ended(claim, pulling) })).boxed())
+}
+
+/// Messages one pull request asks for: as many as the partition's consumer lets a member hold unacknowledged
+/// (the server sends no more than that at once anyway), at least 16 and at most 1024. Smaller batches only
+/// cost more pull requests: at 16 against the default 64, one request per eight messages.
+fn pull_batch(consumer: &PullConsumer) -> usize {
+    usize::try_from(consumer.cached_info().config.max_ack_pending).map_or(16, |pending| pending.clamp(16, 1024))
 }
 
 /// Moves messages from every claimed partition to the dispatcher until `stop`. Claims arrive on `claims`
