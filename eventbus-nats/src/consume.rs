@@ -157,7 +157,7 @@ async fn open_counted(claim: Arc<Claim>, pulling: Pulling) -> Result<PartitionSt
 
 /// Messages one pull request asks for: as many as the partition's consumer lets a member hold unacknowledged
 /// (the server sends no more than that at once anyway), at least 16 and at most 1024. Smaller batches only
-/// cost more pull requests: at 16 against the default 64, one request per eight messages.
+/// cost more pull requests: at 16 against 64, one request per eight messages.
 fn pull_batch(consumer: &PullConsumer) -> usize {
     usize::try_from(consumer.cached_info().config.max_ack_pending).map_or(16, |pending| pending.clamp(16, 1024))
 }

@@ -2,7 +2,7 @@
 //!
 //! Each topic is one JetStream stream (`EVENTBUS_<topic>`) over the subjects `eventbus.<topic>.<partition>`;
 //! an event's partition is a stable hash of its aggregate id ([`naming::partition_of`]), among
-//! `nats.partitions` (16 by default). Messages carry the envelope's metadata as headers and the payload as the
+//! `nats.partitions` (4 by default). Messages carry the envelope's metadata as headers and the payload as the
 //! raw body, plus `Nats-Msg-Id` = event id, so the stream drops a re-send within its duplicate window.
 //!
 //! A consumer group is one durable pull consumer per partition, and a partition is pulled by one member of the

@@ -43,8 +43,10 @@ pub struct NatsConfig {
     pub subject_prefix: String,
     /// Prefix of every stream name the bus creates.
     pub stream_prefix: String,
-    /// Partitions per topic: the number of aggregates' sequences a group can handle in parallel. Publishers and
-    /// consumers of one topic must agree on it.
+    /// Partitions per topic: how many members of a group can share one topic's events (with
+    /// `max_ack_pending` 1, how many messages of a topic a group handles at once). Each partition is a consumer on
+    /// the server, so more cost the server more per message. Publishers and consumers of one topic must agree on
+    /// it, and changing it moves aggregates to other partitions.
     pub partitions: u16,
     /// How long the server waits for the ack of a delivered message before delivering it again. While a
     /// message is handled or waits for a retry, the bus tells the server it is in progress every third of this,
@@ -54,6 +56,8 @@ pub struct NatsConfig {
     #[schemars(with = "String")]
     pub ack_wait: Duration,
     /// Messages of one partition a member may hold unacknowledged (the partition consumers' `max_ack_pending`).
+    /// The default, 256 for each of 4 partitions, lets a topic hold about what one consumer with the server's
+    /// default (1,000) would.
     ///
     /// Above 1, each partition is owned by one member of the group at a time: members hold leases in the
     /// key-value bucket `<stream_prefix>_LEASES` (entries live `ack_wait`), share the partitions fairly, and a
@@ -83,9 +87,9 @@ impl Default for NatsConfig {
             tls: NatsTls::default(),
             subject_prefix: "eventbus".to_owned(),
             stream_prefix: "EVENTBUS".to_owned(),
-            partitions: 16,
+            partitions: 4,
             ack_wait: Duration::from_secs(10),
-            max_ack_pending: 64,
+            max_ack_pending: 256,
             provisioning: Provisioning::default(),
             stream: NatsStreamConfig::default(),
         }
