@@ -4,6 +4,11 @@
 //! window a future of the broker's ack. One collector task per bus drives every pending ack future, each under
 //! its `ack_timeout`, settles the receipts and frees the slots. No task is spawned per message, and publishers
 //! never hold a lock while they wait.
+//!
+//! The collector keeps one timer for all pending acks rather than one each: it is set to the earliest
+//! deadline, and when that passes, one sweep settles every ack past its deadline and finds the next earliest.
+//! Every ack has the same timeout and they arrive in the order they were sent, so while acks come back in time
+//! the timer fires about once per `ack_timeout`, not once per message.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,7 +27,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{PublishAck, PublishReceipt, PublishResult, PublishResults};
 use crate::config::PublishConfig;
-use crate::deadline::lazy_timeout;
 use crate::envelope::EventId;
 use crate::metrics::{bump, Counters};
 use crate::{Error, Result};
@@ -45,10 +49,12 @@ struct Pending {
 
 type AckFuture = BoxFuture<'static, Result<PublishAck>>;
 
-/// A publish awaiting its ack (under its deadline), as the collector drives it. It keeps its [`Pending`] so
-/// the collector needs no lookup to settle it, and gives it up when the collector gives up.
+/// A publish awaiting its ack until its deadline, as the collector drives it. It keeps its [`Pending`] so
+/// the collector needs no lookup to settle it, and gives it up when the collector gives up or the deadline
+/// passes.
 struct Settling {
     pending: Option<Pending>,
+    deadline: Instant,
     ack: AckFuture,
 }
 
@@ -95,7 +101,12 @@ impl PublishWindow {
             (None, None)
         };
         let give_up = CancellationToken::new();
-        let collector = Collector { receiver, results: results.clone(), counters: counters.clone() };
+        let collector = Collector {
+            receiver,
+            results: results.clone(),
+            counters: counters.clone(),
+            ack_timeout: config.ack_timeout,
+        };
         let collector = tokio::spawn(collector.run(give_up.clone()));
         Self {
             slots: Arc::new(Semaphore::new(config.window)),
@@ -148,18 +159,15 @@ impl PublishWindow {
     where
         F: Future<Output = Result<PublishAck>> + Send + 'static,
     {
-        let ack_timeout = self.ack_timeout;
-        // One box for the ack and its deadline; polling it once here starts no timer when the ack is already
-        // there, and otherwise starts the deadline now.
-        let mut ack: AckFuture =
-            async move { lazy_timeout(ack_timeout, ack).await.unwrap_or(Err(Error::AckTimeout(ack_timeout))) }.boxed();
+        let mut ack: AckFuture = ack.boxed();
         if let Some(result) = (&mut ack).now_or_never() {
             return self.settle(slot, topic, event_id, aggregate_id, result).await;
         }
+        let deadline = Instant::now() + self.ack_timeout;
         let aggregate_id = self.results.as_ref().map(|_| aggregate_id.to_owned());
         let (reply, receiver) = oneshot::channel();
         let pending = Pending { event_id, topic: topic.clone(), aggregate_id, reply, _slot: slot };
-        match self.pending.send(Settling { pending: Some(pending), ack }) {
+        match self.pending.send(Settling { pending: Some(pending), deadline, ack }) {
             Ok(()) => PublishReceipt::pending(event_id, receiver),
             // The collector is gone: close() gave up on pending acks while this one was being sent.
             Err(mpsc::error::SendError(settling)) => {
@@ -252,19 +260,38 @@ struct Collector {
     receiver: mpsc::UnboundedReceiver<Settling>,
     results: Option<mpsc::Sender<PublishResult>>,
     counters: Arc<Counters>,
+    ack_timeout: Duration,
 }
 
 impl Collector {
     /// Drives every pending ack until told to give up; returns the ids it gave up on.
     async fn run(mut self, give_up: CancellationToken) -> Vec<EventId> {
         let mut acks: FuturesUnordered<Settling> = FuturesUnordered::new();
+        let stopped = give_up.cancelled();
+        tokio::pin!(stopped);
+        // The earliest deadline of a pending ack, once one is pending.
+        let expiry = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(expiry);
+        let mut earliest: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
-                _ = give_up.cancelled() => break,
-                Some(settling) = self.receiver.recv() => acks.push(settling),
+                _ = &mut stopped => break,
+                Some(settling) = self.receiver.recv() => {
+                    if earliest.is_none_or(|at| settling.deadline < at) {
+                        earliest = Some(settling.deadline);
+                        expiry.as_mut().reset(settling.deadline);
+                    }
+                    acks.push(settling);
+                }
                 Some((Some(pending), result)) = acks.next(), if !acks.is_empty() => {
                     self.settle(pending, result, &give_up).await;
+                }
+                _ = &mut expiry, if earliest.is_some() => {
+                    earliest = self.expire(&mut acks, &give_up).await;
+                    if let Some(at) = earliest {
+                        expiry.as_mut().reset(at);
+                    }
                 }
             }
         }
@@ -280,6 +307,31 @@ impl Collector {
             self.settle(pending, Err(Error::ClosedBeforeAck), &give_up).await;
         }
         ids
+    }
+
+    /// Settles every ack whose deadline has passed as timed out, and returns the earliest deadline left.
+    async fn expire(&self, acks: &mut FuturesUnordered<Settling>, give_up: &CancellationToken) -> Option<Instant> {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let mut earliest: Option<Instant> = None;
+        for settling in acks.iter_mut() {
+            if settling.pending.is_none() {
+                continue;
+            }
+            if settling.deadline <= now {
+                expired.extend(settling.pending.take());
+            } else if earliest.is_none_or(|at| settling.deadline < at) {
+                earliest = Some(settling.deadline);
+            }
+        }
+        if !expired.is_empty() {
+            // The timed-out acks leave the set (their futures are dropped): the rest are polled again once.
+            *acks = std::mem::take(acks).into_iter().filter(|settling| settling.pending.is_some()).collect();
+        }
+        for pending in expired {
+            self.settle(pending, Err(Error::AckTimeout(self.ack_timeout)), give_up).await;
+        }
+        earliest
     }
 
     async fn settle(&self, pending: Pending, result: Result<PublishAck>, give_up: &CancellationToken) {
@@ -318,4 +370,54 @@ fn report<'a>(
             _ = give_up.cancelled() => {}
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(size: usize, ack_timeout: Duration) -> PublishWindow {
+        let config = PublishConfig { window: size, ack_timeout, ..PublishConfig::default() };
+        PublishWindow::new(&config, Arc::default())
+    }
+
+    async fn submit_pending(window: &PublishWindow, ack: oneshot::Receiver<()>) -> PublishReceipt {
+        let slot = window.reserve().await.expect("a free slot");
+        let topic: Arc<str> = "orders".into();
+        let event_id = EventId::new();
+        let ack = async move {
+            ack.await.map_err(|_| Error::ClosedBeforeAck)?;
+            Ok(PublishAck::new(event_id, "orders"))
+        };
+        window.submit(slot, &topic, event_id, "order-1", ack).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acks_time_out_at_their_own_deadlines_and_free_their_slots() {
+        let window = window(4, Duration::from_secs(10));
+        let started = Instant::now();
+        let (_never, never) = oneshot::channel();
+        let first = submit_pending(&window, never).await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let (answer, answered) = oneshot::channel();
+        let second = submit_pending(&window, answered).await;
+        let (_never, never) = oneshot::channel();
+        let third = submit_pending(&window, never).await;
+
+        assert!(matches!(first.await, Err(Error::AckTimeout(_))));
+        assert_eq!(started.elapsed(), Duration::from_secs(10), "the first ack times out at its deadline");
+        answer.send(()).expect("the collector still drives the second ack");
+        assert!(second.await.is_ok(), "an ack that arrives in time is not timed out by the sweep");
+        assert!(matches!(third.await, Err(Error::AckTimeout(_))));
+        assert_eq!(started.elapsed(), Duration::from_secs(14), "the timer is re-armed for the next deadline");
+        assert_eq!(window.in_flight(), 0, "timed-out publishes give their slots back");
+
+        // After a quiet spell with nothing pending, a new ack still gets its deadline.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let (_never, never) = oneshot::channel();
+        let later = submit_pending(&window, never).await;
+        let submitted = Instant::now();
+        assert!(matches!(later.await, Err(Error::AckTimeout(_))));
+        assert_eq!(submitted.elapsed(), Duration::from_secs(10));
+    }
 }
