@@ -1,8 +1,9 @@
 //! A deadline that costs nothing for work that finishes at once.
 //!
 //! `tokio::time::timeout` reads the clock and sets up a timer entry as soon as it is created, for every handler
-//! call and every publish ack. Most handler calls, and every in-memory ack, complete at their first poll, so
-//! [`LazyTimeout`] starts its timer only once the work has to wait: its limit runs from that first poll.
+//! call. Most handler calls complete at their first poll, so [`LazyTimeout`] starts its timer only once the
+//! work has to wait: its limit runs from that first poll. (Publish acks need none: the window's collector
+//! keeps one timer for all of them.)
 //!
 //! ```
 //! use std::time::Duration;
