@@ -553,8 +553,10 @@ async fn interrupted_take_over(nats: &Nats) -> anyhow::Result<()> {
 /// consumer sequence; the owner re-reads the partition from its first unacknowledged message instead of
 /// handling the later events first.
 async fn lost_delivery(nats: &Nats) -> anyhow::Result<()> {
-    let config = own_streams(nats, "GAP");
-    // One aggregate: every event in one partition, whose owner's first pull request asks for 16.
+    let mut config = own_streams(nats, "GAP");
+    // One aggregate: every event in one partition, whose owner's first pull request asks for 16 (a pull asks
+    // for the partition's `max_ack_pending`, and the server hands out no more unacknowledged ones than that).
+    config.nats.max_ack_pending = 16;
     let workload = crate::workload::Workload::new("lost-delivery", 1, 40, 1);
     let topic = &workload.topics[0];
     let recorder = Arc::new(crate::recorder::Recorder::default());

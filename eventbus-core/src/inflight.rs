@@ -55,14 +55,19 @@ type AckFuture = BoxFuture<'static, Result<PublishAck>>;
 struct Settling {
     pending: Option<Pending>,
     deadline: Instant,
-    ack: AckFuture,
+    /// `None` once timed out: the ack future is dropped at once, and the entry waits to be swept out.
+    ack: Option<AckFuture>,
 }
 
 impl Future for Settling {
     type Output = (Option<Pending>, Result<PublishAck>);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let result = std::task::ready!(self.ack.as_mut().poll(cx));
+        let Some(ack) = self.ack.as_mut() else {
+            // Timed out (and settled) by the collector's sweep; polled only if woken just before it.
+            return Poll::Ready((None, Err(Error::ClosedBeforeAck)));
+        };
+        let result = std::task::ready!(ack.as_mut().poll(cx));
         Poll::Ready((self.pending.take(), result))
     }
 }
@@ -163,11 +168,14 @@ impl PublishWindow {
         if let Some(result) = (&mut ack).now_or_never() {
             return self.settle(slot, topic, event_id, aggregate_id, result).await;
         }
-        let deadline = Instant::now() + self.ack_timeout;
+        // A timeout too large to add is as good as none (tokio's own far future is 30 years).
+        let deadline = Instant::now()
+            .checked_add(self.ack_timeout)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365 * 30));
         let aggregate_id = self.results.as_ref().map(|_| aggregate_id.to_owned());
         let (reply, receiver) = oneshot::channel();
         let pending = Pending { event_id, topic: topic.clone(), aggregate_id, reply, _slot: slot };
-        match self.pending.send(Settling { pending: Some(pending), deadline, ack }) {
+        match self.pending.send(Settling { pending: Some(pending), deadline, ack: Some(ack) }) {
             Ok(()) => PublishReceipt::pending(event_id, receiver),
             // The collector is gone: close() gave up on pending acks while this one was being sent.
             Err(mpsc::error::SendError(settling)) => {
@@ -273,10 +281,26 @@ impl Collector {
         let expiry = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(expiry);
         let mut earliest: Option<Instant> = None;
+        // Timed-out entries still in `acks`: swept out once they are half of it, so a long outage neither grows
+        // the set nor rebuilds it on every expiry.
+        let mut timed_out = 0;
         loop {
             tokio::select! {
                 biased;
                 _ = &mut stopped => break,
+                // Before the acks: an ack past its deadline times out even while others keep arriving.
+                _ = &mut expiry, if earliest.is_some() => {
+                    let (expired, next) = self.expire(&mut acks, &give_up).await;
+                    timed_out += expired;
+                    if timed_out * 2 > acks.len() {
+                        acks = std::mem::take(&mut acks).into_iter().filter(|s| s.ack.is_some()).collect();
+                        timed_out = 0;
+                    }
+                    earliest = next;
+                    if let Some(at) = earliest {
+                        expiry.as_mut().reset(at);
+                    }
+                }
                 Some(settling) = self.receiver.recv() => {
                     if earliest.is_none_or(|at| settling.deadline < at) {
                         earliest = Some(settling.deadline);
@@ -286,12 +310,6 @@ impl Collector {
                 }
                 Some((Some(pending), result)) = acks.next(), if !acks.is_empty() => {
                     self.settle(pending, result, &give_up).await;
-                }
-                _ = &mut expiry, if earliest.is_some() => {
-                    earliest = self.expire(&mut acks, &give_up).await;
-                    if let Some(at) = earliest {
-                        expiry.as_mut().reset(at);
-                    }
                 }
             }
         }
@@ -309,29 +327,32 @@ impl Collector {
         ids
     }
 
-    /// Settles every ack whose deadline has passed as timed out, and returns the earliest deadline left.
-    async fn expire(&self, acks: &mut FuturesUnordered<Settling>, give_up: &CancellationToken) -> Option<Instant> {
+    /// Settles every ack whose deadline has passed as timed out, dropping its future. Returns how many timed
+    /// out and the earliest deadline left.
+    async fn expire(
+        &self,
+        acks: &mut FuturesUnordered<Settling>,
+        give_up: &CancellationToken,
+    ) -> (usize, Option<Instant>) {
         let now = Instant::now();
         let mut expired = Vec::new();
         let mut earliest: Option<Instant> = None;
         for settling in acks.iter_mut() {
-            if settling.pending.is_none() {
+            if settling.ack.is_none() {
                 continue;
             }
             if settling.deadline <= now {
+                settling.ack = None;
                 expired.extend(settling.pending.take());
             } else if earliest.is_none_or(|at| settling.deadline < at) {
                 earliest = Some(settling.deadline);
             }
         }
-        if !expired.is_empty() {
-            // The timed-out acks leave the set (their futures are dropped): the rest are polled again once.
-            *acks = std::mem::take(acks).into_iter().filter(|settling| settling.pending.is_some()).collect();
-        }
+        let count = expired.len();
         for pending in expired {
             self.settle(pending, Err(Error::AckTimeout(self.ack_timeout)), give_up).await;
         }
-        earliest
+        (count, earliest)
     }
 
     async fn settle(&self, pending: Pending, result: Result<PublishAck>, give_up: &CancellationToken) {
@@ -396,7 +417,7 @@ mod tests {
     async fn acks_time_out_at_their_own_deadlines_and_free_their_slots() {
         let window = window(4, Duration::from_secs(10));
         let started = Instant::now();
-        let (_never, never) = oneshot::channel();
+        let (too_late, never) = oneshot::channel();
         let first = submit_pending(&window, never).await;
         tokio::time::sleep(Duration::from_secs(4)).await;
         let (answer, answered) = oneshot::channel();
@@ -406,6 +427,7 @@ mod tests {
 
         assert!(matches!(first.await, Err(Error::AckTimeout(_))));
         assert_eq!(started.elapsed(), Duration::from_secs(10), "the first ack times out at its deadline");
+        assert!(too_late.send(()).is_err(), "a timed-out ack's future is dropped, not left running");
         answer.send(()).expect("the collector still drives the second ack");
         assert!(second.await.is_ok(), "an ack that arrives in time is not timed out by the sweep");
         assert!(matches!(third.await, Err(Error::AckTimeout(_))));

@@ -8,7 +8,7 @@
 //! A consumer group is one durable pull consumer per partition, and a partition is pulled by one member of the
 //! group at a time, which keeps every aggregate's order across members while the partitions are spread over
 //! them. By default each member owns a fair share of the partitions through leases in a key-value bucket and
-//! pulls up to `nats.max_ack_pending` (64) unacknowledged messages from each; a member taking over a partition
+//! pulls up to `nats.max_ack_pending` (256) unacknowledged messages from each; a member taking over a partition
 //! whose previous owner left messages unacknowledged re-creates its consumer at the first of them, so no event
 //! overtakes an earlier one. With `nats.max_ack_pending = 1` there are no leases: every member pulls from every
 //! partition and the server hands out one message of a partition at a time. `docs/nats.md` has the details.
