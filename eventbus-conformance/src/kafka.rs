@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use eventbus::kafka::KafkaBus;
 use eventbus::wire::{self, WireMessage};
-use eventbus::{BusConfig, Envelope, EventBusExt, HandlerError, SubscribeOptions};
+use eventbus::{BusConfig, Envelope, SubscribeOptions};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -27,7 +27,7 @@ use crate::fixture::{Broker, BrokerFaults, BrokerSpec, Ready};
 use crate::harness::figures;
 use crate::recorder::Recorder;
 use crate::suites::DELIVERY_DEADLINE;
-use crate::workload::{foreign_message, forward_into, record_into, unique, Workload};
+use crate::workload::{foreign_message, forward_into, record_into, share_into, unique, Workload};
 
 /// Environment variable naming the Kafka-protocol image.
 pub const IMAGE_VARIABLE: &str = "EVENTBUS_KAFKA_IMAGE";
@@ -265,19 +265,8 @@ pub async fn consumer_crash(kafka: &Kafka) -> anyhow::Result<()> {
     let recorder = Arc::new(Recorder::default());
     let crashed_handled = Arc::new(AtomicUsize::new(0));
     let survivor = record_into(&*bus, topic, SubscribeOptions::group("crash"), recorder.clone()).await?;
-    let doomed = {
-        let (recorder, crashed_handled) = (recorder.clone(), crashed_handled.clone());
-        bus.subscribe_with(topic, SubscribeOptions::group("crash"), move |event| {
-            let (recorder, crashed_handled) = (recorder.clone(), crashed_handled.clone());
-            async move {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                recorder.record(&event);
-                crashed_handled.fetch_add(1, Ordering::Relaxed);
-                Ok::<(), HandlerError>(())
-            }
-        })
-        .await?
-    };
+    let doomed =
+        share_into(&*bus, topic, SubscribeOptions::group("crash"), recorder.clone(), crashed_handled.clone()).await?;
     let publisher = tokio::spawn({
         let (bus, workload) = (bus.clone(), workload.clone());
         async move { workload.publish(bus).await }

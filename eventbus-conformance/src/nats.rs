@@ -634,7 +634,16 @@ async fn shared_partitions(nats: &Nats) -> anyhow::Result<()> {
     let mut members = Vec::new();
     let counts: [Arc<std::sync::atomic::AtomicUsize>; 2] = Default::default();
     for count in &counts {
-        members.push(share_into(bus.as_ref(), topic, "shared", recorder.clone(), count.clone()).await?);
+        members.push(
+            share_into(
+                bus.as_ref(),
+                topic,
+                SubscribeOptions::group("shared").concurrency(4),
+                recorder.clone(),
+                count.clone(),
+            )
+            .await?,
+        );
     }
     let published = workload.publish(bus.clone()).await;
     let complete = recorder.wait_for(workload.total(), DELIVERY_DEADLINE).await;

@@ -132,17 +132,17 @@ pub async fn record_into(
     .await
 }
 
-/// Subscribes one member of consumer group `group` (4 workers) that records every event it receives into the
-/// group's `recorder` and counts it in its own `count`. Each event takes 2 ms, long enough that one member
+/// Subscribes a consumer-group member (`options` names the group) that records every event it receives into
+/// the group's `recorder` and counts it in its own `count`. Each event takes 2 ms, long enough that one member
 /// cannot drain a topic alone, so the counts show how the group shared the events.
 pub async fn share_into(
     bus: &dyn EventBus,
     topic: &str,
-    group: &str,
+    options: SubscribeOptions,
     recorder: Arc<Recorder>,
     count: Arc<AtomicUsize>,
 ) -> eventbus::Result<Subscription> {
-    bus.subscribe_with(topic, SubscribeOptions::group(group).concurrency(4), move |event| {
+    bus.subscribe_with(topic, options, move |event| {
         let (recorder, count) = (recorder.clone(), count.clone());
         async move {
             tokio::time::sleep(Duration::from_millis(2)).await;

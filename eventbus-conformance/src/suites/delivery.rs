@@ -113,7 +113,10 @@ async fn consumer_groups(backend: &dyn Backend, connection: &Connection) -> anyh
     let counts: [Arc<AtomicUsize>; 2] = Default::default();
     let mut subscriptions = vec![record_into(bus, topic, SubscribeOptions::group("alone"), alone.clone()).await?];
     for count in &counts {
-        subscriptions.push(share_into(bus, topic, "shared", shared.clone(), count.clone()).await?);
+        subscriptions.push(
+            share_into(bus, topic, SubscribeOptions::group("shared").concurrency(4), shared.clone(), count.clone())
+                .await?,
+        );
     }
     let published = workload.publish(connection.bus.clone()).await;
     let complete = alone.wait_for(total, DELIVERY_DEADLINE).await && shared.wait_for(total, DELIVERY_DEADLINE).await;
