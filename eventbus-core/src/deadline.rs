@@ -1,9 +1,9 @@
 //! A deadline that costs nothing for work that finishes at once.
 //!
-//! `tokio::time::timeout` reads the clock and sets up a timer entry as soon as it is created, for every handler
-//! call. Most handler calls complete at their first poll, so [`LazyTimeout`] starts its timer only once the
-//! work has to wait: its limit runs from that first poll. (Publish acks need none: the window's collector
-//! keeps one timer for all of them.)
+//! `tokio::time::timeout` reads the clock and sets up a timer entry as soon as it is created. Most handler
+//! calls, and most waits for room on the publish path (an in-memory topic's backlog, the NATS client's send
+//! queue), complete at their first poll, so [`LazyTimeout`] starts its timer only once the work has to wait: its
+//! limit runs from that first poll. (Publish acks need none: the window's collector keeps one timer for all.)
 //!
 //! ```
 //! use std::time::Duration;

@@ -23,6 +23,7 @@ use crate::bus::{
     SubscribeOptions,
 };
 use crate::config::BusConfig;
+use crate::deadline::lazy_timeout;
 use crate::dispatch::{DeadLetterSink, Delivery, Dispatcher, Message, NoAck, WorkerSettings};
 use crate::envelope::wire::WireMessage;
 use crate::envelope::{validate_group, validate_topic, Envelope};
@@ -276,11 +277,12 @@ impl Inner {
 }
 
 impl Topic {
-    /// Waits for room for one more unread event, at most until `deadline` (see [`Topic::room`]). The room is
-    /// given back if the permit is dropped; once the event is stored, [`SemaphorePermit::forget`] it: it comes
-    /// back through `release_read` when every group has read the event.
-    async fn reserve_room(&self, config: &BusConfig, deadline: Instant) -> Result<SemaphorePermit<'_>> {
-        match tokio::time::timeout_at(deadline, self.room.acquire()).await {
+    /// Waits for room for one more unread event, at most `publish.enqueue_timeout` (see [`Topic::room`]); no
+    /// timer starts when there is room at once. The room is given back if the permit is dropped; once the event
+    /// is stored, [`SemaphorePermit::forget`] it: it comes back through `release_read` when every group has read
+    /// the event.
+    async fn reserve_room(&self, config: &BusConfig) -> Result<SemaphorePermit<'_>> {
+        match lazy_timeout(config.publish.enqueue_timeout, self.room.acquire()).await {
             Ok(Ok(permit)) => Ok(permit),
             // Closed by close(): the bus no longer takes publishes.
             Ok(Err(_)) => Err(Error::Closed),
@@ -550,14 +552,13 @@ impl DeadLetterSink for MemoryDeadLetters {
 impl EventBus for MemoryBus {
     async fn publish(&self, topic: &str, envelope: Envelope) -> Result<PublishReceipt> {
         let inner = &self.inner;
-        let deadline = Instant::now() + inner.config.publish.enqueue_timeout;
         inner.core.count_rejection(inner.check(topic, &envelope))?;
         // Shared with the log and the groups' dispatchers once stored.
         let envelope = Arc::new(envelope);
         let topic = inner.topic(topic);
         // Room before the window's slot: a publish waiting for consumers to catch up then holds no slot, and
         // the publish that gets room is not woken a second time for a slot freed by another.
-        let room = topic.reserve_room(&inner.config, deadline).await?;
+        let room = topic.reserve_room(&inner.config).await?;
         let slot = inner.core.admit().await?;
         // Kept until every group has read the event (see `reserve_room`); a failed admit above gave it back.
         room.forget();

@@ -113,15 +113,18 @@ pub fn encode(envelope: &Envelope) -> WireMessage {
     headers.push((EVENT_TYPE.to_owned(), envelope.event_type.clone()));
     headers.push((EVENT_VERSION.to_owned(), envelope.event_version.to_string()));
     headers.push((EVENT_TIMESTAMP.to_owned(), format_timestamp(envelope.timestamp)));
-    for (name, value) in
-        [(TRACE_ID, &envelope.trace_id), (CORRELATION_ID, &envelope.correlation_id), (TENANT_ID, &envelope.tenant_id)]
-    {
-        if let Some(value) = value {
-            headers.push((name.to_owned(), value.clone()));
-        }
+    for (name, value) in optional_headers(envelope) {
+        headers.push((name.to_owned(), value.to_owned()));
     }
     headers.extend(envelope.headers.iter().map(|(n, v)| (n.clone(), v.clone())));
     WireMessage { headers, payload: envelope.payload.clone() }
+}
+
+/// The optional metadata headers `envelope` carries, in wire order.
+fn optional_headers(envelope: &Envelope) -> impl Iterator<Item = (&'static str, &str)> {
+    [(TRACE_ID, &envelope.trace_id), (CORRELATION_ID, &envelope.correlation_id), (TENANT_ID, &envelope.tenant_id)]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value.as_deref()?)))
 }
 
 /// The size of an envelope's encoding, measured without building it.
@@ -155,13 +158,9 @@ pub fn encoded_size(envelope: &Envelope) -> EncodedSize {
             + TIMESTAMP_LEN
             + envelope.payload.len(),
     };
-    for (name, value) in
-        [(TRACE_ID, &envelope.trace_id), (CORRELATION_ID, &envelope.correlation_id), (TENANT_ID, &envelope.tenant_id)]
-    {
-        if let Some(value) = value {
-            size.headers += 1;
-            size.bytes += name.len() + value.len();
-        }
+    for (name, value) in optional_headers(envelope) {
+        size.headers += 1;
+        size.bytes += name.len() + value.len();
     }
     size.headers += envelope.headers.len();
     size.bytes += envelope.headers.iter().map(|(name, value)| name.len() + value.len()).sum::<usize>();
