@@ -20,7 +20,6 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::bus::PublishTimings;
-use super::tally::record_latency;
 
 /// A publisher's handle on the collector.
 pub(crate) struct Acks<F> {
@@ -74,7 +73,7 @@ where
                 },
                 Some((sent, output)) = waiting.next(), if !waiting.is_empty() => {
                     if acked(&output) {
-                        record_latency(&timings.ack, sent.elapsed());
+                        timings.ack.record(sent.elapsed());
                     } else {
                         timings.failed();
                     }
@@ -109,7 +108,7 @@ impl<F> Acks<F> {
         accepted: Duration,
         ack: F,
     ) {
-        record_latency(&timings.enqueue, accepted);
+        timings.enqueue.record(accepted);
         if self.handed.send(Handed { sent, slot, ack }).is_err() {
             timings.failed();
         }
@@ -118,9 +117,9 @@ impl<F> Acks<F> {
     /// Records a publish begun at `sent`, accepted after `accepted`, whose ack was there as soon as it was sent
     /// (the in-memory backend's receipts): the collector has nothing to wait for.
     pub(crate) fn settled(&self, timings: &PublishTimings, sent: Instant, accepted: Duration, acked: bool) {
-        record_latency(&timings.enqueue, accepted);
+        timings.enqueue.record(accepted);
         if acked {
-            record_latency(&timings.ack, sent.elapsed());
+            timings.ack.record(sent.elapsed());
         } else {
             timings.failed();
         }

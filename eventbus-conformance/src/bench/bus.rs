@@ -1,44 +1,39 @@
 //! A level run through the `EventBus`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use eventbus::{BusConfig, EventBus, EventBusExt, HandlerError, PublishReceipt, SubscribeOptions};
 use futures_util::FutureExt;
-use hdrhistogram::Histogram;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::acks;
 use super::report::{Client, Measurement};
-use super::tally::{latency_histogram, DeliveryTally, Percentiles};
+use super::tally::{DeliveryTally, LatencyHistogram, Percentiles};
 use super::{Level, DRAIN_DEADLINE, TOPICS};
 use crate::probe::{process_cpu_ms, resources, rss_kib, tasks_settled, Sampler};
 use crate::workload::Workload;
 
 /// Enqueue and ack latencies and failures of every publisher task.
 pub(crate) struct PublishTimings {
-    pub(crate) enqueue: Mutex<Histogram<u64>>,
-    pub(crate) ack: Mutex<Histogram<u64>>,
+    pub(crate) enqueue: LatencyHistogram,
+    pub(crate) ack: LatencyHistogram,
     pub(crate) failures: AtomicUsize,
 }
 
 impl PublishTimings {
     pub(crate) fn new() -> Self {
-        Self {
-            enqueue: Mutex::new(latency_histogram()),
-            ack: Mutex::new(latency_histogram()),
-            failures: AtomicUsize::new(0),
-        }
+        Self { enqueue: LatencyHistogram::new(), ack: LatencyHistogram::new(), failures: AtomicUsize::new(0) }
     }
 
     pub(crate) fn enqueue(&self) -> Percentiles {
-        Percentiles::of(&self.enqueue.lock().unwrap_or_else(|p| p.into_inner()))
+        self.enqueue.percentiles()
     }
 
     pub(crate) fn ack(&self) -> Percentiles {
-        Percentiles::of(&self.ack.lock().unwrap_or_else(|p| p.into_inner()))
+        self.ack.percentiles()
     }
 
     pub(crate) fn failed(&self) {
