@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use async_trait::async_trait;
 use tokio::sync::{watch, Notify, Semaphore, SemaphorePermit};
@@ -56,7 +56,8 @@ pub struct MemoryBus {
 struct Inner {
     config: BusConfig,
     core: BusCore,
-    topics: Mutex<HashMap<String, Arc<Topic>>>,
+    /// Looked up by every publish: read-locked, and hashed with foldhash rather than SipHash.
+    topics: RwLock<HashMap<String, Arc<Topic>, foldhash::fast::RandomState>>,
     health: Mutex<Health>,
     outage: Outage,
 }
@@ -141,7 +142,7 @@ impl MemoryBus {
             inner: Arc::new(Inner {
                 core: BusCore::new(&config),
                 config,
-                topics: Mutex::new(HashMap::new()),
+                topics: RwLock::default(),
                 health: Mutex::new(Health::new(ConnectionState::Connected)),
                 outage: Outage {
                     paused: AtomicBool::new(false),
@@ -244,35 +245,37 @@ impl Inner {
     }
 
     fn topic(&self, name: &str) -> Arc<Topic> {
-        let mut topics = lock(&self.topics);
-        if let Some(topic) = topics.get(name) {
+        if let Some(topic) = self.topics.read().unwrap_or_else(|p| p.into_inner()).get(name) {
             return topic.clone();
         }
-        let topic = Arc::new(Topic {
-            name: Arc::from(name),
-            log: Mutex::new(Log::default()),
-            appended: Notify::new(),
-            groups: Mutex::new(HashMap::new()),
-            group_count: AtomicUsize::new(0),
-            room: Semaphore::new(self.config.memory.max_backlog),
-            released: AtomicU64::new(0),
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        let topic = topics.entry(name.to_owned()).or_insert_with(|| {
+            Arc::new(Topic {
+                name: Arc::from(name),
+                log: Mutex::new(Log::default()),
+                appended: Notify::new(),
+                groups: Mutex::new(HashMap::new()),
+                group_count: AtomicUsize::new(0),
+                room: Semaphore::new(self.config.memory.max_backlog),
+                released: AtomicU64::new(0),
+            })
         });
-        topics.insert(name.to_owned(), topic.clone());
-        topic
+        topic.clone()
+    }
+
+    fn topics(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Topic>, foldhash::fast::RandomState>> {
+        self.topics.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Refuses publishes waiting for room, now that the bus is closed.
     fn refuse_waiting_publishes(&self) {
-        for topic in lock(&self.topics).values() {
+        for topic in self.topics().values() {
             topic.room.close();
         }
     }
 
     fn all_groups(&self) -> Vec<Arc<Group>> {
-        lock(&self.topics)
-            .values()
-            .flat_map(|topic| lock(&topic.groups).values().cloned().collect::<Vec<_>>())
-            .collect()
+        self.topics().values().flat_map(|topic| lock(&topic.groups).values().cloned().collect::<Vec<_>>()).collect()
     }
 }
 
@@ -655,7 +658,7 @@ impl Drop for MemoryBus {
 impl std::fmt::Debug for MemoryBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryBus")
-            .field("topics", &lock(&self.inner.topics).len())
+            .field("topics", &self.inner.topics().len())
             .field("closed", &self.inner.core.ensure_open().is_err())
             .finish()
     }

@@ -18,10 +18,17 @@ pub use validate::{validate_group, validate_topic, ValidationError, MAX_AGGREGAT
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EventId(uuid::Uuid);
 
+thread_local! {
+    /// The UUIDv7 clock of this thread. `Uuid::now_v7` shares one clock behind a lock between all threads,
+    /// which publishers on every runtime thread then take turns at for every event they build.
+    static CLOCK_V7: uuid::timestamp::context::ContextV7 = const { uuid::timestamp::context::ContextV7::new() };
+}
+
 impl EventId {
-    /// A new time-ordered (UUIDv7) id.
+    /// A new time-ordered (UUIDv7) id: ids made on one thread sort in the order they were made; ids made on
+    /// different threads sort by their millisecond.
     pub fn new() -> Self {
-        Self(uuid::Uuid::now_v7())
+        Self(CLOCK_V7.with(|clock| uuid::Uuid::new_v7(uuid::Timestamp::now(clock))))
     }
 
     /// Wraps an existing UUID, for events whose id is assigned upstream (for example by an outbox table).
@@ -188,5 +195,27 @@ impl EnvelopeBuilder {
     pub fn build(self) -> Result<Envelope, ValidationError> {
         self.envelope.validate()?;
         Ok(self.envelope)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_made_on_one_thread_sort_in_the_order_they_were_made() {
+        let ids: Vec<EventId> = (0..10_000).map(|_| EventId::new()).collect();
+        assert!(ids.windows(2).all(|pair| pair[0] < pair[1]));
+        assert!(ids.iter().all(|id| id.as_uuid().get_version_num() == 7));
+    }
+
+    #[test]
+    fn ids_made_on_different_threads_differ() {
+        let ids: std::collections::HashSet<EventId> = std::thread::scope(|scope| {
+            let threads: Vec<_> =
+                (0..4).map(|_| scope.spawn(|| (0..5_000).map(|_| EventId::new()).collect::<Vec<_>>())).collect();
+            threads.into_iter().flat_map(|thread| thread.join().unwrap()).collect()
+        });
+        assert_eq!(ids.len(), 20_000);
     }
 }
