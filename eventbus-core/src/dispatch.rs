@@ -28,7 +28,7 @@ use crate::config::RetryPolicy;
 use crate::deadline::lazy_timeout;
 use crate::envelope::wire::{self, DecodeError, WireMessage};
 use crate::envelope::Envelope;
-use crate::metrics::{bump, Counters};
+use crate::metrics::{Counter, Counters};
 use crate::Result;
 
 /// One message handed to the dispatcher by a backend's source.
@@ -468,7 +468,7 @@ impl Worker {
         let envelope = match &held.item.as_ref().expect("a held delivery").delivery.message {
             Message::Event(envelope) => envelope.clone(),
             Message::Undecodable { wire, error } => {
-                bump(&counters.undecodable);
+                counters.bump(Counter::Undecodable);
                 let mut wire = wire.clone();
                 let reason = format!("undecodable: {error}");
                 tracing::warn!(topic = %self.shared.topic, %reason, "dead-lettering a message that cannot be decoded");
@@ -489,7 +489,7 @@ impl Worker {
                 item.attempts += 1;
                 item.attempts
             };
-            bump(&counters.handler_calls);
+            counters.bump(Counter::HandlerCalls);
             // A panicking handler is a failed attempt like any other: the worker survives it.
             let call = AssertUnwindSafe(self.handler.handle((*envelope).clone())).catch_unwind();
             let call = lazy_timeout(self.settings.handler_timeout, call);
@@ -504,12 +504,12 @@ impl Worker {
                         if let Err(error) = delivery.acker.ack().await {
                             tracing::warn!(topic = %self.shared.topic, %error, "ack failed; the broker will redeliver");
                         } else {
-                            bump(&counters.acked);
+                            counters.bump(Counter::Acked);
                         }
                         return Outcome::Settled;
                     }
                     Err(error) if error.is_permanent() => {
-                        bump(&counters.handler_failures);
+                        counters.bump(Counter::HandlerFailures);
                         let reason = format!("permanent handler error: {error}");
                         return self.give_up(held, &envelope, reason).await;
                     }
@@ -517,7 +517,7 @@ impl Worker {
                 },
                 Err(_) => format!("handler timed out after {:?}", self.settings.handler_timeout),
             };
-            bump(&counters.handler_failures);
+            counters.bump(Counter::HandlerFailures);
             if attempts >= self.settings.retry.max_attempts {
                 let reason = format!("gave up after {attempts} attempts; last: {reason}");
                 return self.give_up(held, &envelope, reason).await;
@@ -558,7 +558,7 @@ impl Worker {
                     _ = self.stop.cancelled() => return Outcome::Stopped,
                 }
             }
-            bump(&self.shared.counters.dead_lettered);
+            self.shared.counters.bump(Counter::DeadLettered);
         }
         let Queued { delivery, _permit, .. } = held.item.take().expect("a held delivery");
         if let Err(error) = delivery.acker.terminate().await {

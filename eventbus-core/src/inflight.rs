@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{PublishAck, PublishReceipt, PublishResult, PublishResults};
 use crate::config::PublishConfig;
 use crate::envelope::EventId;
-use crate::metrics::{bump, Counters};
+use crate::metrics::{Counter, Counters};
 use crate::{Error, Result};
 
 /// A slot in the window, held from before the send until the ack settles.
@@ -179,7 +179,7 @@ impl PublishWindow {
             Ok(()) => PublishReceipt::pending(event_id, receiver),
             // The collector is gone: close() gave up on pending acks while this one was being sent.
             Err(mpsc::error::SendError(settling)) => {
-                bump(&self.counters.publish_failed);
+                self.counters.bump(Counter::PublishFailed);
                 drop(settling);
                 PublishReceipt::settled(event_id, Err(Error::ClosedBeforeAck))
             }
@@ -367,8 +367,8 @@ impl Collector {
 
 fn record(counters: &Counters, result: &Result<PublishAck>) {
     match result {
-        Ok(_) => bump(&counters.published),
-        Err(_) => bump(&counters.publish_failed),
+        Ok(_) => counters.bump(Counter::Published),
+        Err(_) => counters.bump(Counter::PublishFailed),
     }
 }
 
