@@ -132,11 +132,10 @@ impl Inner {
     async fn send(&self, live: &Live, slot: WindowSlot, topic: &str, envelope: Envelope) -> Result<PublishReceipt> {
         let core = &self.core;
         let known = core.count_rejection(live.provisioner.topic(topic).await)?;
-        let wire = wire::encode(&envelope);
         let record = FutureRecord::<str, [u8]>::to(&known)
             .key(envelope.aggregate_id.as_str())
-            .payload(&wire.payload)
-            .headers(headers(&wire));
+            .payload(&envelope.payload[..])
+            .headers(envelope_headers(&envelope));
         let sent = live.producer.send_result(record).map_err(|(error, _)| match error.rdkafka_error_code() {
             Some(RDKafkaErrorCode::QueueFull) => {
                 Error::Backpressure { window: self.config.publish.window, waited: Duration::ZERO }
@@ -160,6 +159,16 @@ impl Inner {
         };
         Ok(core.window.submit(slot, &known, event_id, &envelope.aggregate_id, ack).await)
     }
+}
+
+/// The record headers of `envelope`, copied by librdkafka straight from the envelope.
+fn envelope_headers(envelope: &Envelope) -> OwnedHeaders {
+    let mut headers = Some(OwnedHeaders::new_with_capacity(wire::encoded_size(envelope).headers));
+    wire::for_each_header(envelope, |name, value| {
+        let header = Header { key: name.as_str(), value: Some(value.as_bytes()) };
+        headers = headers.take().map(|headers| headers.insert(header));
+    });
+    headers.expect("every insert gives the headers back")
 }
 
 fn headers(wire: &WireMessage) -> OwnedHeaders {

@@ -108,7 +108,7 @@ impl Inner {
     async fn send(&self, live: &Live, slot: WindowSlot, topic: &str, envelope: Envelope) -> Result<PublishReceipt> {
         let core = &self.core;
         let known = core.count_rejection(live.provisioner.topic(topic).await)?;
-        let headers = core.count_rejection(envelope_headers(&envelope))?;
+        let headers = envelope_headers(&envelope);
         let payload = envelope.payload.clone();
         let partition = partition_of(&envelope.aggregate_id, live.provisioner.partitions());
         let subject = known.subjects[usize::from(partition)].clone();
@@ -129,10 +129,22 @@ impl Inner {
 }
 
 /// The message headers of `envelope`, its id as `Nats-Msg-Id` for the server's de-duplication included.
-fn envelope_headers(envelope: &Envelope) -> Result<HeaderMap> {
-    let mut headers = headers(wire::encode(envelope).headers)?;
-    headers.insert(NATS_MESSAGE_ID, HeaderValue::from(envelope.event_id.to_string()));
-    Ok(headers)
+/// The message headers of a checked `envelope`, built straight from it: its validation already holds every
+/// name and value to the client's rules.
+fn envelope_headers(envelope: &Envelope) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    wire::for_each_header(envelope, |name, value| match name {
+        wire::HeaderName::Metadata(name) => {
+            if name == wire::EVENT_ID {
+                // The server de-duplicates re-sent events by their id.
+                headers.insert(NATS_MESSAGE_ID, value);
+            }
+            // Static names: no copy, no check.
+            headers.insert(HeaderName::from_static(name), value);
+        }
+        wire::HeaderName::User(name) => headers.insert(name, value),
+    });
+    headers
 }
 
 /// The message headers of a wire message, refusing names or values NATS cannot carry (validation already

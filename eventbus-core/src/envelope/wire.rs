@@ -108,16 +108,79 @@ pub enum DecodeError {
 /// Encodes an envelope as headers plus raw payload.
 pub fn encode(envelope: &Envelope) -> WireMessage {
     let mut headers = Vec::with_capacity(5 + 3 + envelope.headers.len());
-    headers.push((EVENT_ID.to_owned(), envelope.event_id.to_string()));
-    headers.push((AGGREGATE_ID.to_owned(), envelope.aggregate_id.clone()));
-    headers.push((EVENT_TYPE.to_owned(), envelope.event_type.clone()));
-    headers.push((EVENT_VERSION.to_owned(), envelope.event_version.to_string()));
-    headers.push((EVENT_TIMESTAMP.to_owned(), format_timestamp(envelope.timestamp)));
-    for (name, value) in optional_headers(envelope) {
-        headers.push((name.to_owned(), value.to_owned()));
-    }
-    headers.extend(envelope.headers.iter().map(|(n, v)| (n.clone(), v.clone())));
+    for_each_header(envelope, |name, value| headers.push((name.as_str().to_owned(), value.to_owned())));
     WireMessage { headers, payload: envelope.payload.clone() }
+}
+
+/// The name of one header of an envelope's encoding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeaderName<'a> {
+    /// One of the [`RESERVED_HEADERS`], carrying envelope metadata.
+    Metadata(&'static str),
+    /// A user header, from [`Envelope::headers`].
+    User(&'a str),
+}
+
+impl<'a> HeaderName<'a> {
+    /// The name as it travels.
+    pub fn as_str(&self) -> &'a str {
+        match *self {
+            HeaderName::Metadata(name) => name,
+            HeaderName::User(name) => name,
+        }
+    }
+}
+
+/// Hands every header of `envelope`'s encoding to `header`, in wire order: what [`encode`] collects, for a
+/// backend that builds its client's own headers from them without an owned copy of each. Values that are
+/// formatted (the id, the version, the timestamp) are written on the stack.
+pub fn for_each_header<'a>(envelope: &'a Envelope, mut header: impl FnMut(HeaderName<'a>, &str)) {
+    let mut id = uuid::Uuid::encode_buffer();
+    header(HeaderName::Metadata(EVENT_ID), envelope.event_id.as_uuid().hyphenated().encode_lower(&mut id));
+    header(HeaderName::Metadata(AGGREGATE_ID), &envelope.aggregate_id);
+    header(HeaderName::Metadata(EVENT_TYPE), &envelope.event_type);
+    header(HeaderName::Metadata(EVENT_VERSION), itoa::Buffer::new().format(envelope.event_version));
+    let mut timestamp = StackText::<TIMESTAMP_LEN>::new();
+    header(HeaderName::Metadata(EVENT_TIMESTAMP), timestamp.format(format_timestamp(envelope.timestamp)));
+    for (name, value) in optional_headers(envelope) {
+        header(HeaderName::Metadata(name), value);
+    }
+    for (name, value) in &envelope.headers {
+        header(HeaderName::User(name), value);
+    }
+}
+
+/// Length of every timestamp on the wire: RFC 3339 with nanoseconds and a four-digit year (see
+/// `format_timestamp`).
+const TIMESTAMP_LEN: usize = "2026-11-28T16:40:03.123456789Z".len();
+
+/// Text formatted into a buffer on the stack, for header values written per event.
+struct StackText<const N: usize> {
+    bytes: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> StackText<N> {
+    fn new() -> Self {
+        Self { bytes: [0; N], len: 0 }
+    }
+
+    /// Formats `value` into the buffer and returns it.
+    fn format(&mut self, value: impl std::fmt::Display) -> &str {
+        use std::fmt::Write;
+        self.len = 0;
+        write!(self, "{value}").expect("the buffer fits every value formatted into it");
+        std::str::from_utf8(&self.bytes[..self.len]).expect("only text is written")
+    }
+}
+
+impl<const N: usize> std::fmt::Write for StackText<N> {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        let end = self.len + text.len();
+        self.bytes.get_mut(self.len..end).ok_or(std::fmt::Error)?.copy_from_slice(text.as_bytes());
+        self.len = end;
+        Ok(())
+    }
 }
 
 /// The optional metadata headers `envelope` carries, in wire order.
@@ -142,7 +205,6 @@ pub fn encoded_size(envelope: &Envelope) -> EncodedSize {
     // The hyphenated UUID, and the RFC 3339 timestamp with nanoseconds (always four-digit years, see
     // `format_timestamp`).
     const EVENT_ID_LEN: usize = 36;
-    const TIMESTAMP_LEN: usize = "2026-11-28T16:40:03.123456789Z".len();
     let version_len = envelope.event_version.checked_ilog10().map_or(1, |digits| digits as usize + 1);
     let mut size = EncodedSize {
         headers: 5,
@@ -245,10 +307,10 @@ pub(crate) fn timestamp_in_range(timestamp: SystemTime) -> bool {
     timestamp.duration_since(UNIX_EPOCH).is_ok_and(|since| since <= MAX_TIMESTAMP)
 }
 
-fn format_timestamp(timestamp: SystemTime) -> String {
+fn format_timestamp(timestamp: SystemTime) -> humantime::Rfc3339Timestamp {
     // Validation keeps timestamps inside the RFC 3339 range; clamp anyway so encoding can never panic.
     let since = timestamp.duration_since(UNIX_EPOCH).unwrap_or_default().min(MAX_TIMESTAMP);
-    humantime::format_rfc3339_nanos(UNIX_EPOCH + since).to_string()
+    humantime::format_rfc3339_nanos(UNIX_EPOCH + since)
 }
 
 #[cfg(test)]
