@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::FutureExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -192,13 +192,49 @@ pub struct Dispatcher {
 
 struct Shared {
     topic: String,
-    /// Keyed by aggregate id; foldhash because it is hashed on every delivery and stays seeded per process.
-    queues: Mutex<HashMap<Key, VecDeque<Queued>, foldhash::fast::RandomState>>,
-    ready_tx: async_channel::Sender<Key>,
-    ready_rx: async_channel::Receiver<Key>,
+    state: Mutex<State>,
+    /// Wakes a waiting worker when a key becomes ready.
+    work: Notify,
     capacity: Arc<Semaphore>,
     counters: Arc<Counters>,
     dead_letters: Arc<dyn DeadLetterSink>,
+}
+
+/// The queues and their schedule, under one lock: a worker settles its key and takes the next in one turn.
+#[derive(Default)]
+struct State {
+    /// Keyed by aggregate id; foldhash because it is hashed on every delivery and stays seeded per process.
+    /// A key has a queue exactly while it is scheduled: in `ready` or held by a worker.
+    queues: HashMap<Key, VecDeque<Queued>, foldhash::fast::RandomState>,
+    /// Keys with deliveries waiting and no worker, in the order they became ready.
+    ready: VecDeque<Key>,
+    /// Workers waiting for a ready key; a key made ready wakes one only when some wait.
+    idle: usize,
+}
+
+impl State {
+    /// Takes the next ready key and its first delivery (none if the queue was taken by `take_queued`).
+    fn take(&mut self) -> Option<(Key, Option<Queued>)> {
+        let key = self.ready.pop_front()?;
+        let item = self.queues.get_mut(key.as_str()).and_then(VecDeque::pop_front);
+        Some((key, item))
+    }
+
+    /// Ends a worker's turn with `key`: to the back of the line if deliveries remain (keys take turns with
+    /// each other), otherwise its queue is removed.
+    fn release(&mut self, key: &Key) {
+        match self.queues.get(key.as_str()) {
+            Some(queue) if !queue.is_empty() => self.ready.push_back(key.clone()),
+            _ => {
+                self.queues.remove(key.as_str());
+            }
+        }
+    }
+
+    /// Whether a waiting worker should be woken: a key is ready and some worker waits.
+    fn wake_one(&self) -> bool {
+        !self.ready.is_empty() && self.idle > 0
+    }
 }
 
 struct Queued {
@@ -215,13 +251,11 @@ impl Dispatcher {
         counters: Arc<Counters>,
         dead_letters: Arc<dyn DeadLetterSink>,
     ) -> Self {
-        let (ready_tx, ready_rx) = async_channel::unbounded();
         Self {
             shared: Arc::new(Shared {
                 topic: topic.into(),
-                queues: Mutex::new(HashMap::default()),
-                ready_tx,
-                ready_rx,
+                state: Mutex::default(),
+                work: Notify::new(),
                 capacity: Arc::new(Semaphore::new(capacity.max(1))),
                 counters,
                 dead_letters,
@@ -251,43 +285,47 @@ impl Dispatcher {
     /// Queues `delivery` in the room `slot` reserved.
     pub fn push(&self, slot: DispatchSlot, delivery: Delivery) {
         let queued = Queued { delivery, attempts: 0, _permit: slot.0 };
-        // A key has a queue exactly while it is scheduled: waiting in the ready channel or held by a worker.
-        // Only a key without one is sent to the ready channel, so no two workers ever hold the same key.
-        let newly_ready = {
-            let mut queues = lock(&self.shared.queues);
+        // Only a key without a queue is made ready, so no two workers ever hold the same key.
+        let wake = {
+            let mut state = lock(&self.shared.state);
             let key = queued.delivery.message.key();
-            match queues.get_mut(key.as_str()) {
+            match state.queues.get_mut(key.as_str()) {
                 Some(queue) => {
                     queue.push_back(queued);
-                    None
+                    false
                 }
                 None => {
-                    queues.insert(key.clone(), VecDeque::from([queued]));
-                    Some(key)
+                    state.queues.insert(key.clone(), VecDeque::from([queued]));
+                    state.ready.push_back(key);
+                    state.wake_one()
                 }
             }
         };
-        if let Some(key) = newly_ready {
-            let _ = self.shared.ready_tx.try_send(key);
+        if wake {
+            self.shared.work.notify_one();
         }
     }
 
     /// Takes every queued delivery out, in key order, for a closing subscription to hand back to the broker.
     pub fn take_queued(&self) -> Vec<Delivery> {
-        let queues = std::mem::take(&mut *lock(&self.shared.queues));
+        let queues = {
+            let mut state = lock(&self.shared.state);
+            state.ready.clear();
+            std::mem::take(&mut state.queues)
+        };
         queues.into_values().flatten().map(|queued| queued.delivery).collect()
     }
 
     /// Progress notices for every queued delivery (a worker sends its own for the one it handles), to be
     /// sent every [`Acker::progress_interval`].
     pub fn queued_progress(&self) -> Vec<futures_util::future::BoxFuture<'static, ()>> {
-        let queues = lock(&self.shared.queues);
-        queues.values().flatten().filter_map(|queued| queued.delivery.acker.queued_progress()).collect()
+        let state = lock(&self.shared.state);
+        state.queues.values().flatten().filter_map(|queued| queued.delivery.acker.queued_progress()).collect()
     }
 
     /// Deliveries queued, not counting those a worker is handling.
     pub fn pending(&self) -> usize {
-        lock(&self.shared.queues).values().map(VecDeque::len).sum()
+        lock(&self.shared.state).queues.values().map(VecDeque::len).sum()
     }
 
     /// Spawns `settings.concurrency` workers into `tasks`, calling `handler`. They stop taking work when `stop`
@@ -396,30 +434,51 @@ struct Held<'a> {
     key: Key,
     item: Option<Queued>,
     abandoned: &'a AtomicUsize,
+    /// Set once [`Held::finish`] has ended the key's turn.
+    finished: bool,
+}
+
+impl Held<'_> {
+    /// Ends the turn of a settled delivery's key and takes the next ready key, under one lock.
+    fn finish(mut self) -> Option<(Key, Option<Queued>)> {
+        debug_assert!(self.item.is_none(), "only a settled delivery finishes its turn");
+        self.finished = true;
+        let (next, wake) = {
+            let mut state = lock(&self.shared.state);
+            state.release(&self.key);
+            let next = state.take();
+            (next, state.wake_one())
+        };
+        if wake {
+            self.shared.work.notify_one();
+        }
+        next
+    }
+
+    /// Puts the delivery back at the head of its key's queue, untouched and not counted as abandoned.
+    fn put_back(&mut self) {
+        if let Some(item) = self.item.take() {
+            lock(&self.shared.state).queues.entry(self.key.clone()).or_default().push_front(item);
+        }
+    }
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        let more = {
-            let mut queues = lock(&self.shared.queues);
-            match self.item.take() {
-                Some(item) => {
-                    self.abandoned.fetch_add(1, Ordering::Relaxed);
-                    queues.entry(self.key.clone()).or_default().push_front(item);
-                    true
-                }
-                None => match queues.get(self.key.as_str()) {
-                    Some(queue) if !queue.is_empty() => true,
-                    _ => {
-                        queues.remove(self.key.as_str());
-                        false
-                    }
-                },
+        if self.finished {
+            return;
+        }
+        let wake = {
+            let mut state = lock(&self.shared.state);
+            if let Some(item) = self.item.take() {
+                self.abandoned.fetch_add(1, Ordering::Relaxed);
+                state.queues.entry(self.key.clone()).or_default().push_front(item);
             }
+            state.release(&self.key);
+            state.wake_one()
         };
-        if more {
-            // Back of the line: keys take turns with each other.
-            let _ = self.shared.ready_tx.try_send(self.key.clone());
+        if wake {
+            self.shared.work.notify_one();
         }
     }
 }
@@ -435,31 +494,72 @@ impl Worker {
         // takes locks shared by every worker of the subscription.
         let stopped = self.stop.cancelled();
         tokio::pin!(stopped);
+        let mut next = None;
         loop {
-            // Work first: `stop` is checked again below before a taken delivery is started.
-            let key = tokio::select! {
-                biased;
-                key = self.shared.ready_rx.recv() => match key {
-                    Ok(key) => key,
-                    Err(_) => return,
+            // A worker that just settled a delivery took its next key then; otherwise it waits for one.
+            let taken = match next.take() {
+                Some(taken) => taken,
+                None => match self.wait_for_key(stopped.as_mut()).await {
+                    Some(taken) => taken,
+                    None => return,
                 },
-                _ = &mut stopped => return,
             };
-            let item = lock(&self.shared.queues).get_mut(key.as_str()).and_then(VecDeque::pop_front);
-            // Dropping `held` settles the key's schedule: back to the ready channel if deliveries remain,
+            let (key, item) = taken;
+            // Dropping `held` before it finishes settles the key's schedule: back in line if deliveries remain,
             // otherwise its queue is removed.
-            let mut held = Held { shared: &self.shared, key, item, abandoned: &self.abandoned };
+            let mut held = Held { shared: &self.shared, key, item, abandoned: &self.abandoned, finished: false };
             if held.item.is_none() {
                 continue;
             }
             if self.stop.is_cancelled() {
                 // Stopped between taking the key and starting: hand the delivery back untouched.
-                let item = held.item.take();
-                lock(&self.shared.queues).entry(held.key.clone()).or_default().push_front(item.expect("held"));
+                held.put_back();
                 return;
             }
-            // A settled delivery has left `held`; a stopped one goes back to its queue when `held` drops.
-            let _: Outcome = self.process(&mut held).await;
+            match self.process(&mut held).await {
+                Outcome::Settled => next = held.finish(),
+                // Stopped in a retry's backoff: the delivery goes back to its queue as `held` drops.
+                Outcome::Stopped => return,
+            }
+        }
+    }
+
+    /// The next ready key and its first delivery, waiting while there is none; `None` once `stopped`.
+    async fn wait_for_key(
+        &self,
+        mut stopped: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+    ) -> Option<(Key, Option<Queued>)> {
+        let mut waited = false;
+        loop {
+            let woken = self.shared.work.notified();
+            tokio::pin!(woken);
+            {
+                let mut state = lock(&self.shared.state);
+                if waited {
+                    state.idle -= 1;
+                }
+                if let Some(taken) = state.take() {
+                    // Several keys made ready while few workers waited: wake another for the rest.
+                    let wake = state.wake_one();
+                    drop(state);
+                    if wake {
+                        self.shared.work.notify_one();
+                    }
+                    return Some(taken);
+                }
+                // Registered while the lock is held: a key made ready after it is released wakes this worker.
+                woken.as_mut().enable();
+                state.idle += 1;
+            }
+            waited = true;
+            tokio::select! {
+                biased;
+                _ = &mut woken => {}
+                _ = &mut stopped => {
+                    lock(&self.shared.state).idle -= 1;
+                    return None;
+                }
+            }
         }
     }
 
@@ -638,5 +738,54 @@ mod tests {
         stop.cancel();
         while tasks.join_next().await.is_some() {}
         assert_eq!(dispatcher.pending(), 0);
+    }
+
+    /// Deliveries of many keys pushed faster than the workers handle them: every one is handled once, in order
+    /// per key, the workers share them out, and all of them end when stopped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_keys_are_handled_once_each_in_order_per_key() {
+        const KEYS: u64 = 200;
+        const VERSIONS: u64 = 20;
+        let dispatcher = Dispatcher::new("t", 64, Arc::default(), Arc::new(Discard));
+        let seen = Arc::new(Mutex::new(HashMap::<String, Vec<u64>>::new()));
+        let handled = Arc::new(tokio::sync::Notify::new());
+        let handler = {
+            let (seen, handled) = (seen.clone(), handled.clone());
+            move |event: Envelope| {
+                let mut seen = seen.lock().unwrap();
+                let versions = seen.entry(event.aggregate_id.clone()).or_default();
+                versions.push(event.event_version);
+                if seen.values().map(Vec::len).sum::<usize>() == (KEYS * VERSIONS) as usize {
+                    handled.notify_one();
+                }
+                std::future::ready(Ok::<(), HandlerError>(()))
+            }
+        };
+        let settings = WorkerSettings {
+            concurrency: 8,
+            handler_timeout: Duration::from_secs(5),
+            retry: BusConfig::default().retry,
+            dead_letter_topic: None,
+        };
+        let mut tasks = JoinSet::new();
+        let stop = CancellationToken::new();
+        dispatcher.spawn_workers(&mut tasks, Arc::new(handler), settings, stop.clone(), Arc::default());
+        let all_handled = async {
+            for version in 1..=VERSIONS {
+                for key in 0..KEYS {
+                    dispatcher.dispatch(delivery(&format!("key-{key}"), version)).await;
+                }
+            }
+            handled.notified().await;
+        };
+        tokio::time::timeout(Duration::from_secs(10), all_handled).await.expect("every delivery handled");
+        let expected: Vec<u64> = (1..=VERSIONS).collect();
+        assert!(seen.lock().unwrap().values().all(|versions| *versions == expected));
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} })
+            .await
+            .expect("every worker ends once stopped");
+        assert_eq!(dispatcher.pending(), 0);
+        assert!(lock(&dispatcher.shared.state).ready.is_empty());
     }
 }
