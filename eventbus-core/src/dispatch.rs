@@ -684,6 +684,24 @@ mod tests {
         }
     }
 
+    /// Starts `concurrency` workers calling `handler`, stopped by the returned token.
+    fn start_workers(
+        dispatcher: &Dispatcher,
+        handler: impl Handler,
+        concurrency: usize,
+    ) -> (JoinSet<()>, CancellationToken) {
+        let settings = WorkerSettings {
+            concurrency,
+            handler_timeout: Duration::from_secs(5),
+            retry: BusConfig::default().retry,
+            dead_letter_topic: None,
+        };
+        let mut tasks = JoinSet::new();
+        let stop = CancellationToken::new();
+        dispatcher.spawn_workers(&mut tasks, Arc::new(handler), settings, stop.clone(), Arc::default());
+        (tasks, stop)
+    }
+
     fn delivery(aggregate: &str, version: u64) -> Delivery {
         let envelope = Envelope::builder(aggregate, "T").version(version).payload("p").build().unwrap();
         Delivery { message: Message::Event(Arc::new(envelope)), acker: Box::new(NoAck) }
@@ -717,15 +735,7 @@ mod tests {
                 }
             }
         };
-        let settings = WorkerSettings {
-            concurrency: 4,
-            handler_timeout: Duration::from_secs(5),
-            retry: BusConfig::default().retry,
-            dead_letter_topic: None,
-        };
-        let mut tasks = JoinSet::new();
-        let stop = CancellationToken::new();
-        dispatcher.spawn_workers(&mut tasks, Arc::new(handler), settings, stop.clone(), Arc::default());
+        let (mut tasks, stop) = start_workers(&dispatcher, handler, 4);
         for version in 1..=5 {
             dispatcher.dispatch(delivery("a", version)).await;
             // Let a worker take the delivery so the key's queue is empty when the next one arrives.
@@ -761,15 +771,7 @@ mod tests {
                 std::future::ready(Ok::<(), HandlerError>(()))
             }
         };
-        let settings = WorkerSettings {
-            concurrency: 8,
-            handler_timeout: Duration::from_secs(5),
-            retry: BusConfig::default().retry,
-            dead_letter_topic: None,
-        };
-        let mut tasks = JoinSet::new();
-        let stop = CancellationToken::new();
-        dispatcher.spawn_workers(&mut tasks, Arc::new(handler), settings, stop.clone(), Arc::default());
+        let (mut tasks, stop) = start_workers(&dispatcher, handler, 8);
         let all_handled = async {
             for version in 1..=VERSIONS {
                 for key in 0..KEYS {
