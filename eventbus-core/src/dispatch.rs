@@ -213,11 +213,17 @@ struct State {
 }
 
 impl State {
-    /// Takes the next ready key and its first delivery (none if the queue was taken by `take_queued`).
-    fn take(&mut self) -> Option<(Key, Option<Queued>)> {
-        let key = self.ready.pop_front()?;
-        let item = self.queues.get_mut(key.as_str()).and_then(VecDeque::pop_front);
-        Some((key, item))
+    /// Takes the next ready key and its first delivery.
+    fn take(&mut self) -> Option<(Key, Queued)> {
+        while let Some(key) = self.ready.pop_front() {
+            if let Some(item) = self.queues.get_mut(key.as_str()).and_then(VecDeque::pop_front) {
+                return Some((key, item));
+            }
+            // A key in line always has deliveries waiting; one without ends its turn here, so that its next
+            // delivery schedules it again.
+            self.queues.remove(key.as_str());
+        }
+        None
     }
 
     /// Ends a worker's turn with `key`: to the back of the line if deliveries remain (keys take turns with
@@ -307,6 +313,8 @@ impl Dispatcher {
     }
 
     /// Takes every queued delivery out, in key order, for a closing subscription to hand back to the broker.
+    /// Only for a dispatcher whose workers are stopped: a delivery pushed afterwards for a key a worker still
+    /// held would give that key a second turn.
     pub fn take_queued(&self) -> Vec<Delivery> {
         let queues = {
             let mut state = lock(&self.shared.state);
@@ -415,7 +423,8 @@ fn panic_message(panic: &(dyn Any + Send)) -> &str {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The queues stay consistent even if a holder panicked: every critical section is a single push or pop.
+    // The queues stay consistent even if a holder panicked: no critical section calls code outside this module
+    // (handlers and ackers run without the lock).
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -440,7 +449,7 @@ struct Held<'a> {
 
 impl Held<'_> {
     /// Ends the turn of a settled delivery's key and takes the next ready key, under one lock.
-    fn finish(mut self) -> Option<(Key, Option<Queued>)> {
+    fn finish(mut self) -> Option<(Key, Queued)> {
         debug_assert!(self.item.is_none(), "only a settled delivery finishes its turn");
         self.finished = true;
         let (next, wake) = {
@@ -483,6 +492,35 @@ impl Drop for Held<'_> {
     }
 }
 
+/// A worker counted in `State::idle` while it waits for a key. However the wait ends (woken, stopped, or the
+/// task aborted), the count comes down: a count left too high would only cost needless wake-ups, but a
+/// dispatcher outlives the workers of one subscription (the in-memory backend shares it across a group).
+struct Waiting<'a> {
+    shared: &'a Shared,
+    counted: bool,
+}
+
+impl<'a> Waiting<'a> {
+    fn start(shared: &'a Shared, state: &mut State) -> Self {
+        state.idle += 1;
+        Self { shared, counted: true }
+    }
+
+    /// Uncounts the worker under the lock the caller already holds.
+    fn end(mut self, state: &mut State) {
+        state.idle -= 1;
+        self.counted = false;
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            lock(&self.shared.state).idle -= 1;
+        }
+    }
+}
+
 enum Outcome {
     Settled,
     Stopped,
@@ -507,10 +545,8 @@ impl Worker {
             let (key, item) = taken;
             // Dropping `held` before it finishes settles the key's schedule: back in line if deliveries remain,
             // otherwise its queue is removed.
-            let mut held = Held { shared: &self.shared, key, item, abandoned: &self.abandoned, finished: false };
-            if held.item.is_none() {
-                continue;
-            }
+            let mut held =
+                Held { shared: &self.shared, key, item: Some(item), abandoned: &self.abandoned, finished: false };
             if self.stop.is_cancelled() {
                 // Stopped between taking the key and starting: hand the delivery back untouched.
                 held.put_back();
@@ -528,15 +564,15 @@ impl Worker {
     async fn wait_for_key(
         &self,
         mut stopped: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
-    ) -> Option<(Key, Option<Queued>)> {
-        let mut waited = false;
+    ) -> Option<(Key, Queued)> {
+        let mut waiting: Option<Waiting<'_>> = None;
         loop {
             let woken = self.shared.work.notified();
             tokio::pin!(woken);
             {
                 let mut state = lock(&self.shared.state);
-                if waited {
-                    state.idle -= 1;
+                if let Some(waited) = waiting.take() {
+                    waited.end(&mut state);
                 }
                 if let Some(taken) = state.take() {
                     // Several keys made ready while few workers waited: wake another for the rest.
@@ -549,16 +585,13 @@ impl Worker {
                 }
                 // Registered while the lock is held: a key made ready after it is released wakes this worker.
                 woken.as_mut().enable();
-                state.idle += 1;
+                waiting = Some(Waiting::start(&self.shared, &mut state));
             }
-            waited = true;
             tokio::select! {
                 biased;
                 _ = &mut woken => {}
-                _ = &mut stopped => {
-                    lock(&self.shared.state).idle -= 1;
-                    return None;
-                }
+                // `waiting` uncounts this worker as it drops, here or when the task is aborted.
+                _ = &mut stopped => return None,
             }
         }
     }
@@ -789,5 +822,25 @@ mod tests {
             .expect("every worker ends once stopped");
         assert_eq!(dispatcher.pending(), 0);
         assert!(lock(&dispatcher.shared.state).ready.is_empty());
+    }
+
+    /// Workers waiting for work are counted as idle, and uncounted however they stop: a dispatcher outlives the
+    /// workers of one subscription.
+    #[tokio::test]
+    async fn stopped_and_aborted_workers_leave_no_idle_count() {
+        let dispatcher = Dispatcher::new("t", 64, Arc::default(), Arc::new(Discard));
+        let idle = || lock(&dispatcher.shared.state).idle;
+        let handler = |_: Envelope| std::future::ready(Ok::<(), HandlerError>(()));
+        let (mut stopped, stop) = start_workers(&dispatcher, handler, 3);
+        let (mut aborted, _) = start_workers(&dispatcher, handler, 2);
+        while idle() < 5 {
+            tokio::task::yield_now().await;
+        }
+        stop.cancel();
+        while stopped.join_next().await.is_some() {}
+        assert_eq!(idle(), 2);
+        aborted.abort_all();
+        while aborted.join_next().await.is_some() {}
+        assert_eq!(idle(), 0);
     }
 }
