@@ -115,21 +115,24 @@ pub async fn run(bootstrap: &str, level: Level, payload: usize, config: &BusConf
             let topic = workload.topic_of(i);
             for version in 1..=workload.versions {
                 let event = workload.event_for(aggregate_id.as_str(), version);
-                let wire = wire::encode(&event);
-                let headers =
-                    wire.headers.iter().fold(OwnedHeaders::new_with_capacity(wire.headers.len()), |h, (k, v)| {
-                        h.insert(Header { key: k, value: Some(v.as_bytes()) })
-                    });
+                // The wire mapping's headers, copied by librdkafka straight from the event, as the bus does.
+                let mut headers = Some(OwnedHeaders::new_with_capacity(8));
+                wire::for_each_header(&event, |name, value| {
+                    let header = Header { key: name.as_str(), value: Some(value.as_bytes()) };
+                    headers = headers.take().map(|headers| headers.insert(header));
+                });
                 let sent = Instant::now();
                 let slot = deliveries.reserve().await;
+                let mut record = FutureRecord::<str, [u8]>::to(topic)
+                    .key(&event.aggregate_id)
+                    .payload(&event.payload[..])
+                    .headers(headers.expect("every insert gives the headers back"));
                 let delivery = loop {
-                    let record = FutureRecord::<str, [u8]>::to(topic)
-                        .key(&event.aggregate_id)
-                        .payload(&wire.payload)
-                        .headers(headers.clone());
                     match producer.send_result(record) {
                         Ok(delivery) => break Some(delivery),
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        // The producer hands the record back: sent again as it is, once its queue has room.
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), refused)) => {
+                            record = refused;
                             tokio::time::sleep(Duration::from_millis(1)).await;
                         }
                         Err(_) => break None,

@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::{self, consumer, context::PublishAckFuture, stream};
 use async_nats::HeaderMap;
 use eventbus::wire;
@@ -138,15 +139,18 @@ pub async fn run(
             let subject = subject(workload.topic_of(i), i / workload.topics.len() % partitions.unwrap_or(1));
             for version in 1..=workload.versions {
                 let event = workload.event_for(aggregate_id.as_str(), version);
-                let wire = wire::encode(&event);
+                // The wire mapping's headers, with the id again as `Nats-Msg-Id`, built from the event as the
+                // bus builds them.
                 let mut headers = HeaderMap::new();
-                for (name, value) in &wire.headers {
-                    headers.insert(name.as_str(), value.as_str());
-                }
-                headers.insert("Nats-Msg-Id", event.event_id.to_string().as_str());
+                wire::for_each_header(&event, |name, value| {
+                    if name.as_str() == wire::EVENT_ID {
+                        headers.insert(NATS_MESSAGE_ID, value);
+                    }
+                    headers.insert(name.as_str(), value);
+                });
                 let sent = Instant::now();
                 let slot = pending.reserve().await;
-                match js.publish_with_headers(subject.clone(), headers, wire.payload).await {
+                match js.publish_with_headers(subject.clone(), headers, event.payload).await {
                     Ok(ack) => pending.hand_over(&timings, slot, sent, ack),
                     Err(_) => timings.failed(),
                 }
