@@ -61,7 +61,9 @@ impl Counters {
 
     /// Adds one to `counter`.
     pub(crate) fn bump(&self, counter: Counter) {
-        self.shards[SHARD.with(|shard| *shard)].0[counter as usize].fetch_add(1, Relaxed);
+        // A thread whose locals are already gone (counting from a destructor) uses the first shard.
+        let shard = SHARD.try_with(|shard| *shard).unwrap_or(0);
+        self.shards[shard].0[counter as usize].fetch_add(1, Relaxed);
     }
 
     fn total(&self, counter: Counter) -> u64 {

@@ -128,9 +128,8 @@ impl Inner {
     }
 }
 
-/// The message headers of `envelope`, its id as `Nats-Msg-Id` for the server's de-duplication included.
-/// The message headers of a checked `envelope`, built straight from it: its validation already holds every
-/// name and value to the client's rules.
+/// The message headers of a checked `envelope`, its id as `Nats-Msg-Id` for the server's de-duplication
+/// included, built straight from it: its validation already holds every name and value to the client's rules.
 fn envelope_headers(envelope: &Envelope) -> HeaderMap {
     let mut headers = HeaderMap::new();
     wire::for_each_header(envelope, |name, value| match name {

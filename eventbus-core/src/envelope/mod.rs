@@ -28,7 +28,9 @@ impl EventId {
     /// A new time-ordered (UUIDv7) id: ids made on one thread sort in the order they were made; ids made on
     /// different threads sort by their millisecond.
     pub fn new() -> Self {
-        Self(CLOCK_V7.with(|clock| uuid::Uuid::new_v7(uuid::Timestamp::now(clock))))
+        // A thread whose locals are already gone (an id made in a destructor) uses the shared clock.
+        let id = CLOCK_V7.try_with(|clock| uuid::Uuid::new_v7(uuid::Timestamp::now(clock)));
+        Self(id.unwrap_or_else(|_| uuid::Uuid::now_v7()))
     }
 
     /// Wraps an existing UUID, for events whose id is assigned upstream (for example by an outbox table).
