@@ -843,4 +843,42 @@ mod tests {
         while aborted.join_next().await.is_some() {}
         assert_eq!(idle(), 0);
     }
+
+    /// A burst of keys for slow handlers reaches every worker: each worker that takes a key wakes the next.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_keys_wakes_every_worker() {
+        let dispatcher = Dispatcher::new("t", 64, Arc::default(), Arc::new(Discard));
+        let (running, most, done) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let handler = {
+            let (running, most, done) = (running.clone(), most.clone(), done.clone());
+            move |_: Envelope| {
+                let (running, most, done) = (running.clone(), most.clone(), done.clone());
+                async move {
+                    most.fetch_max(running.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    done.fetch_add(1, Ordering::SeqCst);
+                    Ok::<(), HandlerError>(())
+                }
+            }
+        };
+        let (mut tasks, stop) = start_workers(&dispatcher, handler, 8);
+        while lock(&dispatcher.shared.state).idle < 8 {
+            tokio::task::yield_now().await;
+        }
+        for key in 0..8 {
+            dispatcher.dispatch(delivery(&format!("key-{key}"), 1)).await;
+        }
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while done.load(Ordering::SeqCst) < 8 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("every key handled");
+        assert_eq!(most.load(Ordering::SeqCst), 8, "the eight keys were handled at once");
+        stop.cancel();
+        while tasks.join_next().await.is_some() {}
+    }
 }
