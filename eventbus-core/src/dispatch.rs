@@ -535,14 +535,13 @@ impl Worker {
         let mut next = None;
         loop {
             // A worker that just settled a delivery took its next key then; otherwise it waits for one.
-            let taken = match next.take() {
+            let (key, item) = match next.take() {
                 Some(taken) => taken,
                 None => match self.wait_for_key(stopped.as_mut()).await {
                     Some(taken) => taken,
                     None => return,
                 },
             };
-            let (key, item) = taken;
             // Dropping `held` before it finishes settles the key's schedule: back in line if deliveries remain,
             // otherwise its queue is removed.
             let mut held =

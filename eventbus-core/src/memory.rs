@@ -57,7 +57,7 @@ struct Inner {
     config: BusConfig,
     core: BusCore,
     /// Looked up by every publish: read-locked, and hashed with foldhash rather than SipHash.
-    topics: RwLock<HashMap<String, Arc<Topic>, foldhash::fast::RandomState>>,
+    topics: RwLock<Topics>,
     health: Mutex<Health>,
     outage: Outage,
 }
@@ -78,6 +78,9 @@ struct HeldPublish {
     stored: Stored,
     stored_at: tokio::sync::oneshot::Sender<u64>,
 }
+
+/// The bus's topics by name.
+type Topics = HashMap<String, Arc<Topic>, foldhash::fast::RandomState>;
 
 struct Topic {
     name: Arc<str>,
@@ -245,7 +248,7 @@ impl Inner {
     }
 
     fn topic(&self, name: &str) -> Arc<Topic> {
-        if let Some(topic) = self.topics.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+        if let Some(topic) = self.topics().get(name) {
             return topic.clone();
         }
         let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
@@ -263,7 +266,7 @@ impl Inner {
         topic.clone()
     }
 
-    fn topics(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Topic>, foldhash::fast::RandomState>> {
+    fn topics(&self) -> std::sync::RwLockReadGuard<'_, Topics> {
         self.topics.read().unwrap_or_else(|p| p.into_inner())
     }
 

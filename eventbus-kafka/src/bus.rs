@@ -163,7 +163,8 @@ impl Inner {
 
 /// The record headers of `envelope`, copied by librdkafka straight from the envelope.
 fn envelope_headers(envelope: &Envelope) -> OwnedHeaders {
-    let mut headers = Some(OwnedHeaders::new_with_capacity(wire::encoded_size(envelope).headers));
+    // At most the five required and three optional metadata headers, then the user's.
+    let mut headers = Some(OwnedHeaders::new_with_capacity(8 + envelope.headers.len()));
     wire::for_each_header(envelope, |name, value| {
         let header = Header { key: name.as_str(), value: Some(value.as_bytes()) };
         headers = headers.take().map(|headers| headers.insert(header));

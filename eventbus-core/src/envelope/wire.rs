@@ -202,14 +202,11 @@ pub struct EncodedSize {
 /// What [`encode`] would produce, in size only. A backend checks its message-size limit with it before a
 /// publish waits for window room, so a waiting publish holds its envelope and nothing encoded.
 pub fn encoded_size(envelope: &Envelope) -> EncodedSize {
-    // The hyphenated UUID, and the RFC 3339 timestamp with nanoseconds (always four-digit years, see
-    // `format_timestamp`).
-    const EVENT_ID_LEN: usize = 36;
     let version_len = envelope.event_version.checked_ilog10().map_or(1, |digits| digits as usize + 1);
     let mut size = EncodedSize {
         headers: 5,
         bytes: EVENT_ID.len()
-            + EVENT_ID_LEN
+            + uuid::fmt::Hyphenated::LENGTH
             + AGGREGATE_ID.len()
             + envelope.aggregate_id.len()
             + EVENT_TYPE.len()
