@@ -9,17 +9,24 @@
 //! deadline, and when that passes, one sweep settles every ack past its deadline and finds the next earliest.
 //! Every ack has the same timeout and they arrive in the order they were sent, so while acks come back in time
 //! the timer fires about once per `ack_timeout`, not once per message.
+//!
+//! A broker client that reports every ack through a callback (librdkafka's delivery report) needs no future
+//! driven per message: the backend registers the publish with [`expect_ack`](PublishWindow::expect_ack) and
+//! settles the returned [`AckCallback`] from the callback, which frees the slot at once, on the client's
+//! thread. The collector only enforces their deadlines, with one more timer of the same kind, and reports them
+//! on the publish-result stream when that is on (its sends may wait; a callback must not).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
+use slab::Slab;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -48,6 +55,109 @@ struct Pending {
 }
 
 type AckFuture = BoxFuture<'static, Result<PublishAck>>;
+
+/// The publishes registered with [`PublishWindow::expect_ack`] whose callback has not settled them yet.
+#[derive(Debug)]
+struct Expected {
+    acks: Mutex<ExpectedAcks>,
+    counters: Arc<Counters>,
+    /// The collector, which reports outcomes on the publish-result stream; `None` when that stream is off.
+    reporter: Option<mpsc::UnboundedSender<Settling>>,
+    ack_timeout: Duration,
+}
+
+#[derive(Debug, Default)]
+struct ExpectedAcks {
+    /// Set by close() once it gave up on what is pending: later callbacks find nothing to settle.
+    given_up: bool,
+    /// Each publish with its ack deadline.
+    pending: Slab<(Pending, Instant)>,
+}
+
+impl Expected {
+    fn acks(&self) -> MutexGuard<'_, ExpectedAcks> {
+        self.acks.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Settles the publish registered under `key`, unless close() already gave up on it.
+    fn settle(&self, key: usize, result: Result<PublishAck>) {
+        let Some((pending, _)) = self.acks().pending.try_remove(key) else {
+            return;
+        };
+        let Some(reporter) = &self.reporter else {
+            record(&self.counters, &result);
+            let _ = pending.reply.send(result);
+            return;
+        };
+        let deadline = deadline_in(self.ack_timeout);
+        let settling = Settling { pending: Some(pending), deadline, ack: Some(std::future::ready(result).boxed()) };
+        // The collector is gone only once close() gave up, which took every pending publish first.
+        if let Err(mpsc::error::SendError(mut settling)) = reporter.send(settling) {
+            if let Some(pending) = settling.pending.take() {
+                record(&self.counters, &Err(Error::ClosedBeforeAck));
+                let _ = pending.reply.send(Err(Error::ClosedBeforeAck));
+            }
+        }
+    }
+
+    /// Takes every publish whose deadline has passed by `now`; returns them and the earliest deadline left.
+    fn expire(&self, now: Instant) -> (Vec<Pending>, Option<Instant>) {
+        let mut acks = self.acks();
+        let expired: Vec<usize> =
+            acks.pending.iter().filter(|(_, (_, deadline))| *deadline <= now).map(|(key, _)| key).collect();
+        let expired = expired.into_iter().map(|key| acks.pending.remove(key).0).collect();
+        let earliest = acks.pending.iter().map(|(_, (_, deadline))| *deadline).min();
+        (expired, earliest)
+    }
+
+    /// Takes every publish still pending and refuses new ones.
+    fn give_up(&self) -> Vec<Pending> {
+        let mut acks = self.acks();
+        acks.given_up = true;
+        acks.pending.drain().map(|(pending, _)| pending).collect()
+    }
+}
+
+/// The settling end of a publish registered with [`PublishWindow::expect_ack`], for the broker client's
+/// delivery callback. Settle it once; dropped unsettled (a client destroyed with the message still queued), its
+/// publish settles as [`Error::ClosedBeforeAck`].
+#[derive(Debug)]
+pub struct AckCallback {
+    key: usize,
+    event_id: EventId,
+    expected: Arc<Expected>,
+    armed: bool,
+}
+
+impl AckCallback {
+    /// The id of the event this callback settles.
+    pub fn event_id(&self) -> EventId {
+        self.event_id
+    }
+
+    /// Settles the publish with the broker's answer: its receipt resolves and its window slot is free again.
+    /// Safe to call from any thread; never blocks on the publish-result stream.
+    pub fn settle(mut self, result: Result<PublishAck>) {
+        self.armed = false;
+        self.expected.settle(self.key, result);
+    }
+
+    /// Withdraws a publish the client refused before sending: its slot is freed and nothing is counted or
+    /// reported, since `publish` returns the refusal itself.
+    pub fn withdraw(mut self) {
+        self.armed = false;
+        let withdrawn = self.expected.acks().pending.try_remove(self.key);
+        drop(withdrawn);
+    }
+}
+
+impl Drop for AckCallback {
+    fn drop(&mut self) {
+        if self.armed {
+            self.expected.settle(self.key, Err(Error::ClosedBeforeAck));
+        }
+    }
+}
 
 /// A publish awaiting its ack until its deadline, as the collector drives it. It keeps its [`Pending`] so
 /// the collector needs no lookup to settle it, and gives it up when the collector gives up or the deadline
@@ -90,6 +200,8 @@ pub struct PublishWindow {
     /// Tells the publish-result stream that no report will follow.
     finished: CancellationToken,
     collector: tokio::sync::Mutex<Option<JoinHandle<Vec<EventId>>>>,
+    /// Publishes whose acks arrive through an [`AckCallback`].
+    expected: Arc<Expected>,
     counters: Arc<Counters>,
 }
 
@@ -106,10 +218,18 @@ impl PublishWindow {
             (None, None)
         };
         let give_up = CancellationToken::new();
+        let expected = Expected {
+            acks: Mutex::default(),
+            counters: counters.clone(),
+            reporter: results.as_ref().map(|_| pending.clone()),
+            ack_timeout: config.ack_timeout,
+        };
+        let expected = Arc::new(expected);
         let collector = Collector {
             receiver,
             results: results.clone(),
             counters: counters.clone(),
+            expected: expected.clone(),
             ack_timeout: config.ack_timeout,
         };
         let collector = tokio::spawn(collector.run(give_up.clone()));
@@ -126,6 +246,7 @@ impl PublishWindow {
             give_up,
             finished,
             collector: tokio::sync::Mutex::new(Some(collector)),
+            expected,
             counters,
         }
     }
@@ -168,13 +289,8 @@ impl PublishWindow {
         if let Some(result) = (&mut ack).now_or_never() {
             return self.settle(slot, topic, event_id, aggregate_id, result).await;
         }
-        // A timeout too large to add is as good as none (tokio's own far future is 30 years).
-        let deadline = Instant::now()
-            .checked_add(self.ack_timeout)
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365 * 30));
-        let aggregate_id = self.results.as_ref().map(|_| aggregate_id.to_owned());
-        let (reply, receiver) = oneshot::channel();
-        let pending = Pending { event_id, topic: topic.clone(), aggregate_id, reply, _slot: slot };
+        let deadline = deadline_in(self.ack_timeout);
+        let (pending, receiver) = self.pending(slot, topic, event_id, aggregate_id);
         match self.pending.send(Settling { pending: Some(pending), deadline, ack: Some(ack) }) {
             Ok(()) => PublishReceipt::pending(event_id, receiver),
             // The collector is gone: close() gave up on pending acks while this one was being sent.
@@ -184,6 +300,42 @@ impl PublishWindow {
                 PublishReceipt::settled(event_id, Err(Error::ClosedBeforeAck))
             }
         }
+    }
+
+    /// Registers a publish about to be sent under `slot` whose ack the broker client will report through a
+    /// callback, and returns its receipt and the [`AckCallback`] to settle it with. Unsettled `ack_timeout` from
+    /// now, it times out like a submitted ack. Fails with [`Error::Closed`] once close() gave up on pending
+    /// publishes; nothing should be sent then.
+    pub fn expect_ack(
+        &self,
+        slot: WindowSlot,
+        topic: &Arc<str>,
+        event_id: EventId,
+        aggregate_id: &str,
+    ) -> Result<(PublishReceipt, AckCallback)> {
+        let (pending, receiver) = self.pending(slot, topic, event_id, aggregate_id);
+        let deadline = deadline_in(self.ack_timeout);
+        let key = {
+            let mut acks = self.expected.acks();
+            if acks.given_up {
+                return Err(Error::Closed);
+            }
+            acks.pending.insert((pending, deadline))
+        };
+        let callback = AckCallback { key, event_id, expected: self.expected.clone(), armed: true };
+        Ok((PublishReceipt::pending(event_id, receiver), callback))
+    }
+
+    fn pending(
+        &self,
+        slot: WindowSlot,
+        topic: &Arc<str>,
+        event_id: EventId,
+        aggregate_id: &str,
+    ) -> (Pending, oneshot::Receiver<Result<PublishAck>>) {
+        let aggregate_id = self.results.as_ref().map(|_| aggregate_id.to_owned());
+        let (reply, receiver) = oneshot::channel();
+        (Pending { event_id, topic: topic.clone(), aggregate_id, reply, _slot: slot }, receiver)
     }
 
     /// Settles, under `slot`, a publish whose outcome is already known (the message was stored, or refused,
@@ -242,10 +394,15 @@ impl PublishWindow {
         }
         self.give_up.cancel();
         self.slots.close();
-        let abandoned = match collector.take() {
+        let mut abandoned = match collector.take() {
             Some(handle) => handle.await.unwrap_or_default(),
             None => Vec::new(),
         };
+        for pending in self.expected.give_up() {
+            abandoned.push(pending.event_id);
+            settle_pending(&self.counters, self.results.as_ref(), &self.give_up, pending, Err(Error::ClosedBeforeAck))
+                .await;
+        }
         self.pending_at_close.store(0, Ordering::Relaxed);
         self.finished.cancel();
         abandoned
@@ -256,6 +413,8 @@ impl Drop for PublishWindow {
     fn drop(&mut self) {
         self.give_up.cancel();
         self.finished.cancel();
+        // Their receipts resolve as closed-before-ack; a late callback finds nothing to settle.
+        drop(self.expected.give_up());
         if let Ok(mut collector) = self.collector.try_lock() {
             if let Some(handle) = collector.take() {
                 handle.abort();
@@ -268,6 +427,7 @@ struct Collector {
     receiver: mpsc::UnboundedReceiver<Settling>,
     results: Option<mpsc::Sender<PublishResult>>,
     counters: Arc<Counters>,
+    expected: Arc<Expected>,
     ack_timeout: Duration,
 }
 
@@ -284,6 +444,11 @@ impl Collector {
         // Timed-out entries still in `acks`: swept out once they are half of it, so a long outage neither grows
         // the set nor rebuilds it on every expiry.
         let mut timed_out = 0;
+        // The earliest deadline of the acks expected through callbacks. With none pending it is re-armed
+        // `ack_timeout` ahead: whatever is registered meanwhile expires later than that, so no deadline is missed
+        // and registering needs no wake-up.
+        let callback_expiry = tokio::time::sleep(self.ack_timeout);
+        tokio::pin!(callback_expiry);
         loop {
             tokio::select! {
                 biased;
@@ -300,6 +465,13 @@ impl Collector {
                     if let Some(at) = earliest {
                         expiry.as_mut().reset(at);
                     }
+                }
+                _ = &mut callback_expiry => {
+                    let (expired, next) = self.expected.expire(Instant::now());
+                    for pending in expired {
+                        self.settle(pending, Err(Error::AckTimeout(self.ack_timeout)), &give_up).await;
+                    }
+                    callback_expiry.as_mut().reset(next.unwrap_or_else(|| deadline_in(self.ack_timeout)));
                 }
                 Some(settling) = self.receiver.recv() => {
                     if earliest.is_none_or(|at| settling.deadline < at) {
@@ -356,13 +528,31 @@ impl Collector {
     }
 
     async fn settle(&self, pending: Pending, result: Result<PublishAck>, give_up: &CancellationToken) {
-        record(&self.counters, &result);
-        if let (Some(results), Some(aggregate_id)) = (&self.results, pending.aggregate_id) {
-            // A reader that stopped reading must not hold close() past its deadline.
-            report(results, give_up, pending.event_id, &pending.topic, aggregate_id, &result).await;
-        }
-        let _ = pending.reply.send(result);
+        settle_pending(&self.counters, self.results.as_ref(), give_up, pending, result).await;
     }
+}
+
+/// Counts and reports the outcome of a pending publish, then resolves its receipt and frees its slot.
+async fn settle_pending(
+    counters: &Counters,
+    results: Option<&mpsc::Sender<PublishResult>>,
+    give_up: &CancellationToken,
+    pending: Pending,
+    result: Result<PublishAck>,
+) {
+    record(counters, &result);
+    if let (Some(results), Some(aggregate_id)) = (results, pending.aggregate_id) {
+        // A reader that stopped reading must not hold close() past its deadline.
+        report(results, give_up, pending.event_id, &pending.topic, aggregate_id, &result).await;
+    }
+    let _ = pending.reply.send(result);
+}
+
+/// The deadline `timeout` from now; a timeout too large to add is as good as none (tokio's own far future is
+/// 30 years).
+fn deadline_in(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout).unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
 }
 
 fn record(counters: &Counters, result: &Result<PublishAck>) {
@@ -441,5 +631,81 @@ mod tests {
         let submitted = Instant::now();
         assert!(matches!(later.await, Err(Error::AckTimeout(_))));
         assert_eq!(submitted.elapsed(), Duration::from_secs(10));
+    }
+
+    async fn expect(window: &PublishWindow, aggregate_id: &str) -> (PublishReceipt, AckCallback) {
+        let slot = window.reserve().await.expect("a free slot");
+        window.expect_ack(slot, &"orders".into(), EventId::new(), aggregate_id).expect("the window is open")
+    }
+
+    fn ack_for(callback: &AckCallback) -> Result<PublishAck> {
+        Ok(PublishAck::new(callback.event_id(), "orders"))
+    }
+
+    #[tokio::test]
+    async fn a_callback_settles_its_receipt_frees_its_slot_and_reports_the_outcome() {
+        let config = PublishConfig { window: 2, report_results: true, ..PublishConfig::default() };
+        let counters = Arc::new(Counters::default());
+        let window = PublishWindow::new(&config, counters.clone());
+        let mut results = window.take_results().expect("results are reported");
+        let (stored, stored_callback) = expect(&window, "order-1").await;
+        let (refused, refused_callback) = expect(&window, "order-2").await;
+        assert_eq!(window.in_flight(), 2);
+
+        // Settled from a thread of the broker client's own, as librdkafka's delivery reports are.
+        let stored_ack = ack_for(&stored_callback);
+        std::thread::spawn(move || {
+            stored_callback.settle(stored_ack);
+            refused_callback.settle(Err(Error::Broker { message: "refused".into(), source: None }));
+        })
+        .join()
+        .expect("the callbacks do not panic");
+
+        assert_eq!(stored.await.expect("stored").topic, "orders");
+        assert!(matches!(refused.await, Err(Error::Broker { .. })));
+        let reported = [results.recv().await.expect("a result"), results.recv().await.expect("a result")];
+        let mut aggregates: Vec<&str> = reported.iter().map(|r| r.aggregate_id.as_str()).collect();
+        aggregates.sort_unstable();
+        assert_eq!(aggregates, ["order-1", "order-2"]);
+        assert_eq!(window.in_flight(), 0, "settling frees the slots");
+        let metrics = counters.snapshot(0, 0);
+        assert_eq!((metrics.published, metrics.publish_failed), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unsettled_callback_times_out_at_its_deadline() {
+        let window = window(4, Duration::from_secs(10));
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (receipt, callback) = expect(&window, "order-1").await;
+        assert!(matches!(receipt.await, Err(Error::AckTimeout(_))));
+        assert_eq!(started.elapsed(), Duration::from_secs(13), "timed out at its own deadline, not a tick's");
+        assert_eq!(window.in_flight(), 0);
+        // The broker's late answer finds nothing left to settle.
+        let late = ack_for(&callback);
+        callback.settle(late);
+        assert_eq!(window.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_gives_up_on_unsettled_callbacks_and_refuses_new_ones() {
+        let window = window(4, Duration::from_secs(60));
+        let (receipt, callback) = expect(&window, "order-1").await;
+        let (dropped, dropped_callback) = expect(&window, "order-2").await;
+        let (withdrawn, withdrawn_callback) = expect(&window, "order-3").await;
+        drop(dropped_callback);
+        assert!(matches!(dropped.await, Err(Error::ClosedBeforeAck)), "a dropped callback settles its publish");
+        withdrawn_callback.withdraw();
+        assert!(matches!(withdrawn.await, Err(Error::ClosedBeforeAck)));
+        assert_eq!(window.in_flight(), 1, "dropping and withdrawing free their slots");
+
+        let abandoned = window.close(Instant::now() + Duration::from_secs(1)).await;
+        assert_eq!(abandoned, [callback.event_id()]);
+        assert!(matches!(receipt.await, Err(Error::ClosedBeforeAck)));
+        let late = ack_for(&callback);
+        callback.settle(late);
+        let slot = WindowSlot { _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().expect("a permit") };
+        let refused = window.expect_ack(slot, &"orders".into(), EventId::new(), "order-4");
+        assert!(matches!(refused, Err(Error::Closed)));
     }
 }

@@ -12,18 +12,19 @@ use eventbus_core::subscription::SubscriptionControl;
 use eventbus_core::wire::{self, WireMessage};
 use eventbus_core::{
     validate_group, validate_topic, BusConfig, CloseReport, ConnectionState, Envelope, Error, EventBus, Handler,
-    Health, Metrics, PublishAck, PublishReceipt, PublishResults, Result, SubscribeOptions, Subscription,
+    Health, Metrics, PublishReceipt, PublishResults, Result, SubscribeOptions, Subscription,
 };
 use rdkafka::admin::AdminClient;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use tokio::sync::watch;
+use rdkafka::producer::{Producer, ThreadedProducer};
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, millis, BusContext, Connection};
 use crate::consume::{self, GroupContext};
+use crate::produce::{delivery_error, Awaiting, ProducerCallbacks, Record};
 use crate::provision::Provisioner;
 use crate::tracker::Tracker;
 
@@ -41,7 +42,7 @@ struct Inner {
 }
 
 struct Live {
-    producer: FutureProducer<BusContext>,
+    producer: Arc<ThreadedProducer<ProducerCallbacks>>,
     provisioner: Provisioner,
     ack_timeout: Duration,
 }
@@ -53,7 +54,8 @@ impl KafkaBus {
         let connection = Arc::new(Connection::default());
         let context = BusContext { connection: connection.clone() };
         let kafka = &config.kafka;
-        let producer: FutureProducer<BusContext> = client::base(&config)?
+        let callbacks = ProducerCallbacks { bus: context.clone(), ack_timeout: config.publish.ack_timeout };
+        let producer: ThreadedProducer<ProducerCallbacks> = client::base(&config)?
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", millis(kafka.linger))
@@ -63,8 +65,9 @@ impl KafkaBus {
             .set("message.timeout.ms", millis(config.publish.ack_timeout))
             // The bus's window holds publishers back long before librdkafka's own queue is full.
             .set("queue.buffering.max.messages", (config.publish.window * 2).max(100_000).to_string())
-            .create_with_context(context.clone())
+            .create_with_context(callbacks)
             .map_err(|e| Error::Config(format!("cannot create the Kafka producer: {e}")))?;
+        let producer = Arc::new(producer);
         let admin: AdminClient<BusContext> = client::base(&config)?
             .create_with_context(context)
             .map_err(|e| Error::Config(format!("cannot create the Kafka admin client: {e}")))?;
@@ -128,36 +131,32 @@ impl Inner {
         Ok(())
     }
 
-    /// Sends a checked `envelope` under the window slot it was admitted with, and hands its ack to the window.
+    /// Sends a checked `envelope` under the window slot it was admitted with; the producer's delivery report
+    /// settles it.
     async fn send(&self, live: &Live, slot: WindowSlot, topic: &str, envelope: Envelope) -> Result<PublishReceipt> {
         let core = &self.core;
         let known = core.count_rejection(live.provisioner.topic(topic).await)?;
-        let record = FutureRecord::<str, [u8]>::to(&known)
+        let expected = core.window.expect_ack(slot, &known, envelope.event_id, &envelope.aggregate_id);
+        let (receipt, callback) = core.count_rejection(expected)?;
+        let record = Record::with_opaque_to(&known, Box::new(Awaiting::Publish(callback)))
             .key(envelope.aggregate_id.as_str())
             .payload(&envelope.payload[..])
             .headers(envelope_headers(&envelope));
-        let sent = live.producer.send_result(record).map_err(|(error, _)| match error.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::QueueFull) => {
-                Error::Backpressure { window: self.config.publish.window, waited: Duration::ZERO }
-            }
-            _ => Error::broker("the producer refused the record", error),
-        });
-        let delivery = core.count_rejection(sent)?;
-        let (event_id, topic_name, ack_timeout) = (envelope.event_id, known.clone(), live.ack_timeout);
-        let connection = self.connection.clone();
-        let ack = async move {
-            match delivery.await {
-                Ok(Ok(delivery)) => {
-                    connection.up();
-                    Ok(PublishAck::new(event_id, &*topic_name)
-                        .with_partition(delivery.partition)
-                        .with_sequence(u64::try_from(delivery.offset).unwrap_or_default()))
+        match live.producer.send(record) {
+            Ok(()) => Ok(receipt),
+            Err((error, refused)) => {
+                if let Awaiting::Publish(callback) = *refused.delivery_opaque {
+                    callback.withdraw();
                 }
-                Ok(Err((error, _))) => Err(delivery_error(error, ack_timeout)),
-                Err(_) => Err(Error::ClosedBeforeAck),
+                let refusal = match error.rdkafka_error_code() {
+                    Some(RDKafkaErrorCode::QueueFull) => {
+                        Error::Backpressure { window: self.config.publish.window, waited: Duration::ZERO }
+                    }
+                    _ => Error::broker("the producer refused the record", error),
+                };
+                core.count_rejection(Err(refusal))
             }
-        };
-        Ok(core.window.submit(slot, &known, event_id, &envelope.aggregate_id, ack).await)
+        }
     }
 }
 
@@ -178,32 +177,22 @@ fn headers(wire: &WireMessage) -> OwnedHeaders {
     })
 }
 
-fn delivery_error(error: KafkaError, ack_timeout: Duration) -> Error {
-    match error.rdkafka_error_code() {
-        Some(RDKafkaErrorCode::MessageTimedOut) => Error::AckTimeout(ack_timeout),
-        Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
-            Error::Broker { message: format!("the broker refused the record as too large: {error}"), source: None }
-        }
-        _ => Error::broker("delivery failed", error),
-    }
-}
-
 impl Live {
     /// Sends a record and waits for its delivery report (dead letters).
     async fn send_and_wait(&self, topic: &str, wire: WireMessage) -> Result<()> {
         let topic = self.provisioner.topic(topic).await?;
         let key = wire.header(wire::AGGREGATE_ID).map(str::to_owned);
-        let mut record = FutureRecord::<str, [u8]>::to(&topic).payload(&wire.payload).headers(headers(&wire));
+        let (report, delivered) = oneshot::channel();
+        let mut record = Record::with_opaque_to(&topic, Box::new(Awaiting::DeadLetter(report)))
+            .payload(&wire.payload)
+            .headers(headers(&wire));
         if let Some(key) = &key {
             record = record.key(key.as_str());
         }
-        let delivery = self
-            .producer
-            .send_result(record)
-            .map_err(|(error, _)| Error::broker("the producer refused the record", error))?;
-        match tokio::time::timeout(self.ack_timeout, delivery).await {
-            Ok(Ok(Ok(_))) => Ok(()),
-            Ok(Ok(Err((error, _)))) => Err(delivery_error(error, self.ack_timeout)),
+        self.producer.send(record).map_err(|(error, _)| Error::broker("the producer refused the record", error))?;
+        match tokio::time::timeout(self.ack_timeout, delivered).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(error))) => Err(delivery_error(&error, self.ack_timeout)),
             Ok(Err(_)) => Err(Error::ClosedBeforeAck),
             Err(_) => Err(Error::AckTimeout(self.ack_timeout)),
         }

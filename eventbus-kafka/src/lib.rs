@@ -3,8 +3,8 @@
 //! Records are keyed by aggregate id, so an aggregate's events share a partition and keep their order; the
 //! envelope's metadata travels as record headers and the payload as the raw value. The producer is idempotent
 //! (`enable.idempotence=true`, `acks=all`) and batches as librdkafka does (`kafka.linger`, `kafka.batch_size`);
-//! the bus's in-flight window holds publishers back before librdkafka's own queue fills, and one collector task
-//! settles the delivery reports.
+//! the bus's in-flight window holds publishers back before librdkafka's own queue fills, and each delivery report
+//! settles its publish right on the producer's polling thread.
 //!
 //! A consumer group on a topic is the Kafka consumer group `<group>@<topic>` ([`group_id`]): its members share
 //! the topic's partitions, and subscriptions to other topics never make it rebalance. Within a member, the keyed
@@ -38,6 +38,7 @@
 mod bus;
 mod client;
 mod consume;
+mod produce;
 mod provision;
 mod tracker;
 
