@@ -70,8 +70,32 @@ struct Expected {
 struct ExpectedAcks {
     /// Set by close() once it gave up on what is pending: later callbacks find nothing to settle.
     given_up: bool,
-    /// Each publish with its ack deadline.
-    pending: Slab<(Pending, Instant)>,
+    pending: Slab<Registered>,
+    /// Numbers the registrations: a slab key is reused once its publish settles, so a late callback (of a
+    /// publish that timed out) must not settle the publish registered under its key since.
+    registrations: u64,
+}
+
+#[derive(Debug)]
+struct Registered {
+    pending: Pending,
+    deadline: Instant,
+    registration: u64,
+}
+
+/// Where an [`AckCallback`]'s publish is registered.
+#[derive(Clone, Copy, Debug)]
+struct Ticket {
+    key: usize,
+    registration: u64,
+}
+
+impl ExpectedAcks {
+    /// Takes the publish of `ticket`, if it is still the one registered under its key.
+    fn take(&mut self, ticket: Ticket) -> Option<Pending> {
+        let current = self.pending.get(ticket.key).is_some_and(|r| r.registration == ticket.registration);
+        current.then(|| self.pending.remove(ticket.key).pending)
+    }
 }
 
 impl Expected {
@@ -79,9 +103,9 @@ impl Expected {
         self.acks.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Settles the publish registered under `key`, unless close() already gave up on it.
-    fn settle(&self, key: usize, result: Result<PublishAck>) {
-        let Some((pending, _)) = self.acks().pending.try_remove(key) else {
+    /// Settles the publish of `ticket`, unless it timed out or close() gave up on it.
+    fn settle(&self, ticket: Ticket, result: Result<PublishAck>) {
+        let Some(pending) = self.acks().take(ticket) else {
             return;
         };
         let Some(reporter) = &self.reporter else {
@@ -104,9 +128,9 @@ impl Expected {
     fn expire(&self, now: Instant) -> (Vec<Pending>, Option<Instant>) {
         let mut acks = self.acks();
         let expired: Vec<usize> =
-            acks.pending.iter().filter(|(_, (_, deadline))| *deadline <= now).map(|(key, _)| key).collect();
-        let expired = expired.into_iter().map(|key| acks.pending.remove(key).0).collect();
-        let earliest = acks.pending.iter().map(|(_, (_, deadline))| *deadline).min();
+            acks.pending.iter().filter(|(_, registered)| registered.deadline <= now).map(|(key, _)| key).collect();
+        let expired = expired.into_iter().map(|key| acks.pending.remove(key).pending).collect();
+        let earliest = acks.pending.iter().map(|(_, registered)| registered.deadline).min();
         (expired, earliest)
     }
 
@@ -114,7 +138,7 @@ impl Expected {
     fn give_up(&self) -> Vec<Pending> {
         let mut acks = self.acks();
         acks.given_up = true;
-        acks.pending.drain().map(|(pending, _)| pending).collect()
+        acks.pending.drain().map(|registered| registered.pending).collect()
     }
 }
 
@@ -123,7 +147,7 @@ impl Expected {
 /// publish settles as [`Error::ClosedBeforeAck`].
 #[derive(Debug)]
 pub struct AckCallback {
-    key: usize,
+    ticket: Ticket,
     event_id: EventId,
     expected: Arc<Expected>,
     armed: bool,
@@ -139,14 +163,14 @@ impl AckCallback {
     /// Safe to call from any thread; never blocks on the publish-result stream.
     pub fn settle(mut self, result: Result<PublishAck>) {
         self.armed = false;
-        self.expected.settle(self.key, result);
+        self.expected.settle(self.ticket, result);
     }
 
     /// Withdraws a publish the client refused before sending: its slot is freed and nothing is counted or
     /// reported, since `publish` returns the refusal itself.
     pub fn withdraw(mut self) {
         self.armed = false;
-        let withdrawn = self.expected.acks().pending.try_remove(self.key);
+        let withdrawn = self.expected.acks().take(self.ticket);
         drop(withdrawn);
     }
 }
@@ -154,7 +178,7 @@ impl AckCallback {
 impl Drop for AckCallback {
     fn drop(&mut self) {
         if self.armed {
-            self.expected.settle(self.key, Err(Error::ClosedBeforeAck));
+            self.expected.settle(self.ticket, Err(Error::ClosedBeforeAck));
         }
     }
 }
@@ -315,14 +339,16 @@ impl PublishWindow {
     ) -> Result<(PublishReceipt, AckCallback)> {
         let (pending, receiver) = self.pending(slot, topic, event_id, aggregate_id);
         let deadline = deadline_in(self.ack_timeout);
-        let key = {
+        let ticket = {
             let mut acks = self.expected.acks();
             if acks.given_up {
                 return Err(Error::Closed);
             }
-            acks.pending.insert((pending, deadline))
+            acks.registrations += 1;
+            let registration = acks.registrations;
+            Ticket { key: acks.pending.insert(Registered { pending, deadline, registration }), registration }
         };
-        let callback = AckCallback { key, event_id, expected: self.expected.clone(), armed: true };
+        let callback = AckCallback { ticket, event_id, expected: self.expected.clone(), armed: true };
         Ok((PublishReceipt::pending(event_id, receiver), callback))
     }
 
@@ -681,9 +707,15 @@ mod tests {
         assert!(matches!(receipt.await, Err(Error::AckTimeout(_))));
         assert_eq!(started.elapsed(), Duration::from_secs(13), "timed out at its own deadline, not a tick's");
         assert_eq!(window.in_flight(), 0);
-        // The broker's late answer finds nothing left to settle.
+        // The broker's late answer finds nothing left to settle, not even the publish registered since under
+        // the same slab key.
+        let (next, next_callback) = expect(&window, "order-2").await;
         let late = ack_for(&callback);
         callback.settle(late);
+        assert_eq!(window.in_flight(), 1, "the late answer settled another publish");
+        let (next_id, next_ack) = (next_callback.event_id(), ack_for(&next_callback));
+        next_callback.settle(next_ack);
+        assert_eq!(next.await.expect("acked").event_id, next_id);
         assert_eq!(window.in_flight(), 0);
     }
 
