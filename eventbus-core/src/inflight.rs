@@ -13,7 +13,7 @@
 //! A broker client that reports every ack through a callback (librdkafka's delivery report) needs no future
 //! driven per message: the backend registers the publish with [`expect_ack`](PublishWindow::expect_ack) and
 //! settles the returned [`AckCallback`] from the callback, which frees the slot at once, on the client's
-//! thread. The collector only enforces their deadlines, with one more timer of the same kind, and reports them
+//! thread (with the publish-result stream on, once the collector has reported the outcome). The collector only enforces their deadlines, with one more timer of the same kind, and reports them
 //! on the publish-result stream when that is on (its sends may wait; a callback must not).
 
 use std::future::Future;
@@ -115,11 +115,13 @@ impl Expected {
         };
         let deadline = deadline_in(self.ack_timeout);
         let settling = Settling { pending: Some(pending), deadline, ack: Some(std::future::ready(result).boxed()) };
-        // The collector is gone only once close() gave up, which took every pending publish first.
+        // close() gives up on the publishes still registered before it stops the collector, so the collector is
+        // gone here only when the window was dropped: the outcome still reaches the receipt, unreported.
         if let Err(mpsc::error::SendError(mut settling)) = reporter.send(settling) {
-            if let Some(pending) = settling.pending.take() {
-                record(&self.counters, &Err(Error::ClosedBeforeAck));
-                let _ = pending.reply.send(Err(Error::ClosedBeforeAck));
+            if let (Some(pending), Some(ack)) = (settling.pending.take(), settling.ack.take()) {
+                let result = ack.now_or_never().unwrap_or(Err(Error::ClosedBeforeAck));
+                record(&self.counters, &result);
+                let _ = pending.reply.send(result);
             }
         }
     }
@@ -143,8 +145,8 @@ impl Expected {
 }
 
 /// The settling end of a publish registered with [`PublishWindow::expect_ack`], for the broker client's
-/// delivery callback. Settle it once; dropped unsettled (a client destroyed with the message still queued), its
-/// publish settles as [`Error::ClosedBeforeAck`].
+/// delivery callback. Settle it once. A publish whose callback does not come in time times out at its deadline;
+/// one whose callback is dropped unsettled settles as [`Error::ClosedBeforeAck`].
 #[derive(Debug)]
 pub struct AckCallback {
     ticket: Ticket,
@@ -159,8 +161,9 @@ impl AckCallback {
         self.event_id
     }
 
-    /// Settles the publish with the broker's answer: its receipt resolves and its window slot is free again.
-    /// Safe to call from any thread; never blocks on the publish-result stream.
+    /// Settles the publish with the broker's answer: its receipt resolves and its window slot is free again
+    /// (with the publish-result stream on, once the collector has reported it). Safe to call from any thread;
+    /// never blocks on the publish-result stream. Does nothing once the publish timed out or close() gave up.
     pub fn settle(mut self, result: Result<PublishAck>) {
         self.armed = false;
         self.expected.settle(self.ticket, result);
@@ -207,7 +210,8 @@ impl Future for Settling {
 }
 
 /// The in-flight window of one bus. Backends call [`reserve`](Self::reserve), send, then
-/// [`submit`](Self::submit) the ack future.
+/// [`submit`](Self::submit) the ack future; or, for a client that reports acks through a callback,
+/// [`reserve`](Self::reserve), [`expect_ack`](Self::expect_ack), then send.
 #[derive(Debug)]
 pub struct PublishWindow {
     slots: Arc<Semaphore>,
@@ -401,7 +405,9 @@ impl PublishWindow {
     /// settled with [`Error::ClosedBeforeAck`] and their ids returned. Idempotent.
     ///
     /// A publish that was between [`reserve`](Self::reserve) and [`submit`](Self::submit) when the deadline
-    /// passed settles with [`Error::ClosedBeforeAck`] too, but is not in the returned list. Cancel-safe: if the
+    /// passed settles with [`Error::ClosedBeforeAck`] too, but is not in the returned list; one not yet
+    /// registered with [`expect_ack`](Self::expect_ack) is refused there with [`Error::Closed`]. An ack that
+    /// has arrived by the time the collector stops settles with the broker's answer, not as abandoned. Cancel-safe: if the
     /// returned future is dropped, a later call picks up where it stopped.
     pub async fn close(&self, deadline: Instant) -> Vec<EventId> {
         if !self.closed.load(Ordering::Acquire) {
@@ -409,22 +415,24 @@ impl PublishWindow {
         }
         self.closed.store(true, Ordering::Release);
         let mut collector = self.collector.lock().await;
-        if collector.is_none() {
+        let Some(handle) = collector.as_mut() else {
             return Vec::new();
-        }
+        };
         // Every slot back means every accepted publish has settled.
         let size = u32::try_from(self.size).unwrap_or(u32::MAX);
         let all_settled = tokio::time::timeout_at(deadline, self.slots.acquire_many(size)).await;
         if let Ok(Ok(permits)) = all_settled {
             permits.forget();
         }
+        // Callbacks that have not come by now find nothing to settle; one that came just before handed its
+        // outcome to the collector, which settles it before it stops.
+        let unanswered = self.expected.give_up();
         self.give_up.cancel();
         self.slots.close();
-        let mut abandoned = match collector.take() {
-            Some(handle) => handle.await.unwrap_or_default(),
-            None => Vec::new(),
-        };
-        for pending in self.expected.give_up() {
+        // Awaited in place: a close() dropped here leaves the handle for the next call to await.
+        let mut abandoned = handle.await.unwrap_or_default();
+        *collector = None;
+        for pending in unanswered {
             abandoned.push(pending.event_id);
             settle_pending(&self.counters, self.results.as_ref(), &self.give_up, pending, Err(Error::ClosedBeforeAck))
                 .await;
@@ -494,10 +502,11 @@ impl Collector {
                 }
                 _ = &mut callback_expiry => {
                     let (expired, next) = self.expected.expire(Instant::now());
+                    // Taken now: what is registered while the reports below wait expires after it.
+                    callback_expiry.as_mut().reset(next.unwrap_or_else(|| deadline_in(self.ack_timeout)));
                     for pending in expired {
                         self.settle(pending, Err(Error::AckTimeout(self.ack_timeout)), &give_up).await;
                     }
-                    callback_expiry.as_mut().reset(next.unwrap_or_else(|| deadline_in(self.ack_timeout)));
                 }
                 Some(settling) = self.receiver.recv() => {
                     if earliest.is_none_or(|at| settling.deadline < at) {
@@ -511,12 +520,22 @@ impl Collector {
                 }
             }
         }
-        // Giving up: refuse late submissions, then settle what is left as closed-before-ack.
+        // Giving up: refuse late submissions. What has its answer already (an ack that came with the last ones, a
+        // callback's outcome waiting to be reported) settles with it; the rest as closed-before-ack.
         self.receiver.close();
-        let mut abandoned: Vec<Pending> = acks.iter_mut().filter_map(|settling| settling.pending.take()).collect();
-        drop(acks);
-        while let Some(mut settling) = self.receiver.recv().await {
-            abandoned.extend(settling.pending.take());
+        let mut left: Vec<Settling> = acks.into_iter().collect();
+        while let Some(settling) = self.receiver.recv().await {
+            left.push(settling);
+        }
+        let mut abandoned = Vec::new();
+        for mut settling in left {
+            let Some(pending) = settling.pending.take() else {
+                continue;
+            };
+            match settling.ack.as_mut().and_then(|ack| ack.now_or_never()) {
+                Some(result) => self.settle(pending, result, &give_up).await,
+                None => abandoned.push(pending),
+            }
         }
         let ids = abandoned.iter().map(|p| p.event_id).collect();
         for pending in abandoned {
@@ -659,6 +678,21 @@ mod tests {
         assert_eq!(submitted.elapsed(), Duration::from_secs(10));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn an_ack_that_arrived_before_close_gave_up_settles_with_its_answer() {
+        let window = window(4, Duration::from_secs(60));
+        let (answer, answered) = oneshot::channel();
+        let receipt = submit_pending(&window, answered).await;
+        let (_never, never) = oneshot::channel();
+        let unanswered = submit_pending(&window, never).await;
+        // Answered, but the collector has not run since: close() finds it pending past its deadline.
+        answer.send(()).expect("the collector holds the ack");
+        let abandoned = window.close(Instant::now()).await;
+        assert!(receipt.await.is_ok(), "an ack already answered is not abandoned");
+        assert!(matches!(unanswered.await, Err(Error::ClosedBeforeAck)));
+        assert_eq!(abandoned.len(), 1);
+    }
+
     async fn expect(window: &PublishWindow, aggregate_id: &str) -> (PublishReceipt, AckCallback) {
         let slot = window.reserve().await.expect("a free slot");
         window.expect_ack(slot, &"orders".into(), EventId::new(), aggregate_id).expect("the window is open")
@@ -689,13 +723,27 @@ mod tests {
 
         assert_eq!(stored.await.expect("stored").topic, "orders");
         assert!(matches!(refused.await, Err(Error::Broker { .. })));
-        let reported = [results.recv().await.expect("a result"), results.recv().await.expect("a result")];
+        let reporting = async { [results.recv().await.expect("a result"), results.recv().await.expect("a result")] };
+        let reported = tokio::time::timeout(Duration::from_secs(5), reporting).await.expect("reported in time");
         let mut aggregates: Vec<&str> = reported.iter().map(|r| r.aggregate_id.as_str()).collect();
         aggregates.sort_unstable();
         assert_eq!(aggregates, ["order-1", "order-2"]);
         assert_eq!(window.in_flight(), 0, "settling frees the slots");
         let metrics = counters.snapshot(0, 0);
         assert_eq!((metrics.published, metrics.publish_failed), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn without_the_result_stream_a_callback_frees_its_slot_on_its_own_thread() {
+        let counters = Arc::new(Counters::default());
+        let window = PublishWindow::new(&PublishConfig { window: 1, ..PublishConfig::default() }, counters.clone());
+        let (receipt, callback) = expect(&window, "order-1").await;
+        let (event_id, ack) = (callback.event_id(), ack_for(&callback));
+        std::thread::spawn(move || callback.settle(ack)).join().expect("the callback does not panic");
+        // No await since the callback: no task took part in settling.
+        assert_eq!(window.in_flight(), 0);
+        assert_eq!(receipt.now_or_never().expect("resolved").expect("acked").event_id, event_id);
+        assert_eq!(counters.snapshot(0, 0).published, 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -730,12 +778,15 @@ mod tests {
         withdrawn_callback.withdraw();
         assert!(matches!(withdrawn.await, Err(Error::ClosedBeforeAck)));
         assert_eq!(window.in_flight(), 1, "dropping and withdrawing free their slots");
+        let metrics = window.counters.snapshot(0, 0);
+        assert_eq!(metrics.publish_failed, 1, "the dropped callback counts as failed, the withdrawn one not");
 
         let abandoned = window.close(Instant::now() + Duration::from_secs(1)).await;
         assert_eq!(abandoned, [callback.event_id()]);
         assert!(matches!(receipt.await, Err(Error::ClosedBeforeAck)));
         let late = ack_for(&callback);
         callback.settle(late);
+        assert_eq!(window.counters.snapshot(0, 0).publish_failed, 2, "a callback after close settles nothing");
         let slot = WindowSlot { _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().expect("a permit") };
         let refused = window.expect_ack(slot, &"orders".into(), EventId::new(), "order-4");
         assert!(matches!(refused, Err(Error::Closed)));

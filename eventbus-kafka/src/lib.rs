@@ -4,7 +4,8 @@
 //! envelope's metadata travels as record headers and the payload as the raw value. The producer is idempotent
 //! (`enable.idempotence=true`, `acks=all`) and batches as librdkafka does (`kafka.linger`, `kafka.batch_size`);
 //! the bus's in-flight window holds publishers back before librdkafka's own queue fills, and each delivery report
-//! settles its publish right on the producer's polling thread.
+//! settles its publish right on the producer's polling thread (through the window's collector only when the
+//! publish-result stream is on).
 //!
 //! A consumer group on a topic is the Kafka consumer group `<group>@<topic>` ([`group_id`]): its members share
 //! the topic's partitions, and subscriptions to other topics never make it rebalance. Within a member, the keyed

@@ -65,6 +65,8 @@ impl ProducerContext for ProducerCallbacks {
 pub(crate) fn delivery_error(error: &KafkaError, ack_timeout: Duration) -> Error {
     match error.rdkafka_error_code() {
         Some(RDKafkaErrorCode::MessageTimedOut) => Error::AckTimeout(ack_timeout),
+        // Purged when the producer is destroyed with the record still queued or in flight.
+        Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight) => Error::ClosedBeforeAck,
         Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
             Error::Broker { message: format!("the broker refused the record as too large: {error}"), source: None }
         }
