@@ -327,6 +327,18 @@ pub async fn provisioning(nats: &Nats) -> anyhow::Result<()> {
     let after_update = revalidating.publish(&topic, event(4)?).await.map(drop);
     revalidating.close().await;
 
+    // A stream deleted under a bus that knows it: the server answers the publish with "no responders", which
+    // settles it as a broker error at once instead of an ack timeout.
+    let deleting = NatsBus::connect(nats.config()).await?;
+    deleting.publish(&topic, event(5)?).await?.await?;
+    let bare = async_nats::connect(nats.url()).await?;
+    jetstream::new(bare.clone()).delete_stream(naming::stream_name(&nats.config().nats.stream_prefix, &topic)).await?;
+    drop(bare);
+    let started = std::time::Instant::now();
+    let after_delete = deleting.publish(&topic, event(6)?).await?.await;
+    let deleted_answered_in = started.elapsed();
+    deleting.close().await;
+
     let text = |e: &Option<Error>| e.as_ref().map(ToString::to_string).unwrap_or_default();
     let missing_group_error = missing_group.as_ref().err().map(ToString::to_string).unwrap_or_default();
     figures(
@@ -335,10 +347,12 @@ pub async fn provisioning(nats: &Nats) -> anyhow::Result<()> {
         "validate-create-update",
         format_args!(
             "missing_stream={:?} differing_stream={:?} existing_group_ok={existing_group_ok} \
-             missing_group={missing_group_error:?} validates_after_update={}",
+             missing_group={missing_group_error:?} validates_after_update={} after_delete={:?} \
+             answered_in={deleted_answered_in:?}",
             text(&missing_stream),
             text(&mismatch),
-            after_update.is_ok()
+            after_update.is_ok(),
+            after_delete.as_ref().err().map(ToString::to_string),
         ),
     );
     ensure!(matches!(missing_stream, Some(Error::Mismatch { .. })), "missing stream: {missing_stream:?}");
@@ -348,6 +362,14 @@ pub async fn provisioning(nats: &Nats) -> anyhow::Result<()> {
     ensure!(existing_group_ok, "validate-only refused consumers that exist");
     ensure!(matches!(missing_group, Err(Error::Mismatch { .. })), "a missing consumer was not refused");
     ensure!(after_update.is_ok(), "create-or-update did not bring the stream in line: {after_update:?}");
+    ensure!(
+        matches!(&after_delete, Err(Error::Broker { message, .. }) if message.contains("no stream answers")),
+        "a publish to a deleted stream: {after_delete:?}"
+    );
+    ensure!(
+        deleted_answered_in < nats.config().publish.ack_timeout,
+        "the deleted stream's publish waited for its deadline"
+    );
     Ok(())
 }
 

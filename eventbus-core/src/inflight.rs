@@ -83,16 +83,32 @@ struct Registered {
     registration: u64,
 }
 
-/// Where an [`AckCallback`]'s publish is registered.
-#[derive(Clone, Copy, Debug)]
-struct Ticket {
+/// Where a publish registered with [`PublishWindow::expect_ack`] is, for a client that routes acks by a token
+/// rather than a value (NATS: in the reply subject). Written as `<key>.<registration>` and parsed back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AckTicket {
     key: usize,
     registration: u64,
 }
 
+impl std::fmt::Display for AckTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.key, self.registration)
+    }
+}
+
+impl std::str::FromStr for AckTicket {
+    type Err = ();
+
+    fn from_str(text: &str) -> std::result::Result<Self, ()> {
+        let (key, registration) = text.split_once('.').ok_or(())?;
+        Ok(Self { key: key.parse().map_err(drop)?, registration: registration.parse().map_err(drop)? })
+    }
+}
+
 impl ExpectedAcks {
     /// Takes the publish of `ticket`, if it is still the one registered under its key.
-    fn take(&mut self, ticket: Ticket) -> Option<Pending> {
+    fn take(&mut self, ticket: AckTicket) -> Option<Pending> {
         let current = self.pending.get(ticket.key).is_some_and(|r| r.registration == ticket.registration);
         current.then(|| self.pending.remove(ticket.key).pending)
     }
@@ -103,11 +119,13 @@ impl Expected {
         self.acks.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Settles the publish of `ticket`, unless it timed out or close() gave up on it.
-    fn settle(&self, ticket: Ticket, result: Result<PublishAck>) {
+    /// Settles the publish of `ticket` with what `ack` makes of its event id and topic, unless it timed out or
+    /// close() gave up on it.
+    fn settle(&self, ticket: AckTicket, ack: impl FnOnce(EventId, &str) -> Result<PublishAck>) {
         let Some(pending) = self.acks().take(ticket) else {
             return;
         };
+        let result = ack(pending.event_id, &pending.topic);
         let Some(reporter) = &self.reporter else {
             record(&self.counters, &result);
             let _ = pending.reply.send(result);
@@ -149,7 +167,7 @@ impl Expected {
 /// one whose callback is dropped unsettled settles as [`Error::ClosedBeforeAck`].
 #[derive(Debug)]
 pub struct AckCallback {
-    ticket: Ticket,
+    ticket: AckTicket,
     event_id: EventId,
     expected: Arc<Expected>,
     armed: bool,
@@ -166,7 +184,18 @@ impl AckCallback {
     /// never blocks on the publish-result stream. Does nothing once the publish timed out or close() gave up.
     pub fn settle(mut self, result: Result<PublishAck>) {
         self.armed = false;
-        self.expected.settle(self.ticket, result);
+        self.expected.settle(self.ticket, |_, _| result);
+    }
+
+    /// The ticket of this publish, for a client that sends it along and gets it back with the ack.
+    pub fn ticket(&self) -> AckTicket {
+        self.ticket
+    }
+
+    /// Leaves the publish to be settled through its [ticket](Self::ticket) by an [`AckSettler`], or to time
+    /// out at its deadline; the callback itself settles nothing any more.
+    pub fn detach(mut self) {
+        self.armed = false;
     }
 
     /// Withdraws a publish the client refused before sending: its slot is freed and nothing is counted or
@@ -178,10 +207,25 @@ impl AckCallback {
     }
 }
 
+/// Settles publishes registered with [`PublishWindow::expect_ack`] by their [`AckTicket`], from a task that
+/// reads acks routed by ticket. Holds only the window's registry, not the window.
+#[derive(Clone, Debug)]
+pub struct AckSettler {
+    expected: Arc<Expected>,
+}
+
+impl AckSettler {
+    /// Settles the publish of `ticket` with what `ack` makes of its event id and topic (called once, and only
+    /// when the publish is still pending). Does nothing once it timed out, was settled, or close() gave up.
+    pub fn settle(&self, ticket: AckTicket, ack: impl FnOnce(EventId, &str) -> Result<PublishAck>) {
+        self.expected.settle(ticket, ack);
+    }
+}
+
 impl Drop for AckCallback {
     fn drop(&mut self) {
         if self.armed {
-            self.expected.settle(self.ticket, Err(Error::ClosedBeforeAck));
+            self.expected.settle(self.ticket, |_, _| Err(Error::ClosedBeforeAck));
         }
     }
 }
@@ -350,10 +394,15 @@ impl PublishWindow {
             }
             acks.registrations += 1;
             let registration = acks.registrations;
-            Ticket { key: acks.pending.insert(Registered { pending, deadline, registration }), registration }
+            AckTicket { key: acks.pending.insert(Registered { pending, deadline, registration }), registration }
         };
         let callback = AckCallback { ticket, event_id, expected: self.expected.clone(), armed: true };
         Ok((PublishReceipt::pending(event_id, receiver), callback))
+    }
+
+    /// A handle that settles registered publishes by ticket.
+    pub fn ack_settler(&self) -> AckSettler {
+        AckSettler { expected: self.expected.clone() }
     }
 
     fn pending(
@@ -744,6 +793,28 @@ mod tests {
         assert_eq!(window.in_flight(), 0);
         assert_eq!(receipt.now_or_never().expect("resolved").expect("acked").event_id, event_id);
         assert_eq!(counters.snapshot(0, 0).published, 1);
+    }
+
+    #[tokio::test]
+    async fn a_ticket_settles_its_own_publish_once() {
+        let window = window(4, Duration::from_secs(60));
+        let settler = window.ack_settler();
+        let (receipt, callback) = expect(&window, "order-1").await;
+        let ticket: AckTicket = callback.ticket().to_string().parse().expect("a ticket reads back");
+        assert_eq!(ticket, callback.ticket());
+        let event_id = callback.event_id();
+        callback.detach();
+        assert_eq!(window.in_flight(), 1, "a detached callback settles nothing");
+        settler.settle(ticket, |id, topic| Ok(PublishAck::new(id, topic).with_sequence(7)));
+        let ack = receipt.await.expect("acked");
+        assert_eq!((ack.event_id, ack.topic.as_str(), ack.sequence), (event_id, "orders", Some(7)));
+        // Settled once: the same ticket again, even with the key reused, settles nothing.
+        let (next, next_callback) = expect(&window, "order-2").await;
+        settler.settle(ticket, |_, _| panic!("a settled ticket is not asked for its ack"));
+        assert_eq!(window.in_flight(), 1);
+        drop(next_callback);
+        assert!(matches!(next.await, Err(Error::ClosedBeforeAck)));
+        assert!("7".parse::<AckTicket>().is_err() && "a.1".parse::<AckTicket>().is_err());
     }
 
     #[tokio::test(start_paused = true)]

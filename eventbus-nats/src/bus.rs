@@ -16,12 +16,12 @@ use eventbus_core::subscription::SubscriptionControl;
 use eventbus_core::wire::{self, WireMessage};
 use eventbus_core::{
     validate_group, validate_topic, BusConfig, CloseReport, ConnectionState, Envelope, Error, EventBus, Handler,
-    Health, Metrics, PublishAck, PublishReceipt, PublishResults, Result, SubscribeOptions, Subscription,
-    ValidationError,
+    Health, Metrics, PublishReceipt, PublishResults, Result, SubscribeOptions, Subscription, ValidationError,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::acks::AckInbox;
 use crate::connect::{self, ConnectionEvents};
 use crate::consume::{self, Claim};
 use crate::naming::{self, partition_of};
@@ -45,6 +45,7 @@ struct Inner {
 /// What exists while the bus is connected.
 struct Live {
     client: Client,
+    acks: AckInbox,
     js: async_nats::jetstream::Context,
     provisioner: Arc<Provisioner>,
     ack_timeout: Duration,
@@ -59,23 +60,17 @@ impl NatsBus {
         }
         let events = Arc::new(ConnectionEvents::default());
         let client = connect::connect(&config, events.clone()).await?;
-        // The client's own in-flight limit matches the bus's window, so the window is what holds publishers
-        // back; its ack deadline is left to the window too.
+        // Dead letters and the bus's API requests go through this context; events do not (see `Inner::send`).
         let js = ContextBuilder::new()
             .timeout(config.publish.ack_timeout.max(config.nats.request_timeout) + Duration::from_secs(1))
             .max_ack_inflight(config.publish.window)
             .backpressure_on_inflight(true)
             .build(client.clone());
         let provisioner = Arc::new(Provisioner::new(js.clone(), config.nats.clone()));
-        let live = Live { client, js, provisioner, ack_timeout: config.publish.ack_timeout };
-        Ok(Self {
-            inner: Arc::new(Inner {
-                core: BusCore::new(&config),
-                config,
-                events,
-                live: RwLock::new(Some(Arc::new(live))),
-            }),
-        })
+        let core = BusCore::new(&config);
+        let acks = AckInbox::open(&client, core.window.ack_settler()).await?;
+        let live = Live { client, acks, js, provisioner, ack_timeout: config.publish.ack_timeout };
+        Ok(Self { inner: Arc::new(Inner { core, config, events, live: RwLock::new(Some(Arc::new(live))) }) })
     }
 
     /// The underlying client, for what the bus does not cover. `None` once closed.
@@ -104,7 +99,8 @@ impl Inner {
         Ok(())
     }
 
-    /// Sends a checked `envelope` under the window slot it was admitted with, and hands its ack to the window.
+    /// Sends a checked `envelope` under the window slot it was admitted with. JetStream answers on the bus's
+    /// ack inbox, under the publish's ticket, and the inbox's reader settles it there.
     async fn send(&self, live: &Live, slot: WindowSlot, topic: &str, envelope: Envelope) -> Result<PublishReceipt> {
         let core = &self.core;
         let known = core.count_rejection(live.provisioner.topic(topic).await)?;
@@ -114,17 +110,20 @@ impl Inner {
         let subject = known.subjects[usize::from(partition)].clone();
         // Queuing on the client waits only while its send queue is full: bounded like the window itself.
         let enqueue_timeout = self.config.publish.enqueue_timeout;
-        let sent = lazy_timeout(enqueue_timeout, live.js.publish_with_headers(subject, headers, payload))
-            .await
-            .map_err(|_| Error::Backpressure { window: self.config.publish.window, waited: enqueue_timeout })
-            .and_then(|sent| sent.map_err(publish_error));
-        let ack = core.count_rejection(sent)?;
-        let (event_id, topic_name) = (envelope.event_id, known.name.clone());
-        let ack = async move {
-            let ack = ack.await.map_err(publish_error)?;
-            Ok(PublishAck::new(event_id, &*topic_name).with_sequence(ack.sequence).with_duplicate(ack.duplicate))
+        let expected = core.window.expect_ack(slot, &known.name, envelope.event_id, &envelope.aggregate_id);
+        let (receipt, callback) = core.count_rejection(expected)?;
+        let reply = live.acks.reply_subject(callback.ticket());
+        let sending = live.client.publish_with_reply_and_headers(subject, reply, headers, payload);
+        let refusal = match lazy_timeout(enqueue_timeout, sending).await {
+            Ok(Ok(())) => {
+                callback.detach();
+                return Ok(receipt);
+            }
+            Ok(Err(error)) => Error::broker("publish failed", error),
+            Err(_) => Error::Backpressure { window: self.config.publish.window, waited: enqueue_timeout },
         };
-        Ok(core.window.submit(slot, &known.name, event_id, &envelope.aggregate_id, ack).await)
+        callback.withdraw();
+        core.count_rejection(Err(refusal))
     }
 }
 
@@ -334,6 +333,8 @@ impl EventBus for NatsBus {
             .close(|deadline| async move {
                 let live = inner.live.write().unwrap_or_else(|p| p.into_inner()).take();
                 if let Some(live) = live {
+                    // The window has settled or given up on every publish by now.
+                    live.acks.stop().await;
                     // Acks and terms of the last handled messages are written before the connection goes away.
                     let _ = tokio::time::timeout_at(deadline, live.client.flush()).await;
                     let closed = inner.events.closed.notified();

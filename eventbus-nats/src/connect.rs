@@ -84,6 +84,9 @@ pub(crate) async fn connect(config: &BusConfig, events: Arc<ConnectionEvents>) -
         .ping_interval(nats.ping_interval)
         // Room on the client for a full window of publishes plus their acks, so queuing there never waits.
         .client_capacity((config.publish.window * 2).max(2048))
+        // Room on every subscription for a full window of publish acks: the server drops what a full
+        // subscription cannot take, and an ack dropped there would time out a publish that was stored.
+        .subscription_capacity((config.publish.window + 1024).max(64 * 1024))
         .max_reconnects(nats.reconnect.max_attempts)
         .reconnect_delay_callback(move |attempts| reconnect_delay(attempts, max_delay))
         .event_callback(move |event| {

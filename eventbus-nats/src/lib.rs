@@ -13,8 +13,8 @@
 //! overtakes an earlier one. With `nats.max_ack_pending = 1` there are no leases: every member pulls from every
 //! partition and the server hands out one message of a partition at a time. `docs/nats.md` has the details.
 //!
-//! Publishing goes through one JetStream context whose in-flight limit equals the bus's window; one collector
-//! task settles the acks. While a message is handled or retried in place, the bus tells the server it is in
+//! Each publish asks JetStream to answer on the bus's ack inbox under the publish's ticket in the window; one
+//! task reads the inbox and settles the publishes, with no future or timer per message. While a message is handled or retried in place, the bus tells the server it is in
 //! progress every third of the consumer's ack wait, so the server never redelivers work that is still going
 //! on; messages that are dead-lettered are terminated (`Term`), and messages a closing subscription fetched but
 //! did not handle are left to the partition's next owner.
@@ -39,6 +39,7 @@
 //! # Ok(()) }
 //! ```
 
+mod acks;
 mod bus;
 mod connect;
 mod consume;

@@ -1,0 +1,101 @@
+//! Publish acks routed by reply subject. Every publish asks JetStream to answer on `<inbox>.<ticket>`; one
+//! subscription per bus receives the answers, and one task settles each publish in the window by its ticket.
+//! Nothing is left waiting per message on the client (no future, no timer, no entry in the client's request
+//! map): the window's collector times out the publishes whose answer does not come, with one timer for all.
+
+use std::sync::Mutex;
+
+use async_nats::{Client, Message, StatusCode, Subscriber};
+use eventbus_core::envelope::EventId;
+use eventbus_core::inflight::{AckSettler, AckTicket};
+use eventbus_core::{Error, PublishAck, Result};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio_util::task::AbortOnDropHandle;
+
+/// The bus's inbox for publish acks and the task reading it.
+pub(crate) struct AckInbox {
+    prefix: String,
+    reader: Mutex<Option<AbortOnDropHandle<()>>>,
+}
+
+impl AckInbox {
+    /// Subscribes to a fresh inbox of `client` and starts settling what arrives there through `settler`.
+    pub(crate) async fn open(client: &Client, settler: AckSettler) -> Result<Self> {
+        let prefix = client.new_inbox();
+        let subscriber = client
+            .subscribe(format!("{prefix}.>"))
+            .await
+            .map_err(|e| Error::broker("cannot subscribe to the inbox for publish acks", e))?;
+        let reader = tokio::spawn(read(subscriber, settler, prefix.len() + 1));
+        Ok(Self { prefix, reader: Mutex::new(Some(AbortOnDropHandle::new(reader))) })
+    }
+
+    /// The reply subject of the publish registered under `ticket`.
+    pub(crate) fn reply_subject(&self, ticket: AckTicket) -> String {
+        format!("{}.{ticket}", self.prefix)
+    }
+
+    /// Stops the reader; acks arriving later settle nothing (the window has given up on them by then).
+    pub(crate) async fn stop(&self) {
+        let reader = self.reader.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(reader) = reader {
+            reader.abort();
+            let _ = reader.await;
+        }
+    }
+}
+
+async fn read(mut subscriber: Subscriber, settler: AckSettler, ticket_at: usize) {
+    while let Some(message) = subscriber.next().await {
+        // Anything else on the inbox is not an answer to this bus's publishes.
+        let Some(ticket) = message.subject.get(ticket_at..).and_then(|ticket| ticket.parse().ok()) else {
+            continue;
+        };
+        settler.settle(ticket, |event_id, topic| answer(&message, event_id, topic));
+    }
+}
+
+/// JetStream's answer to a publish: the stored position, or why it was not stored.
+#[derive(Deserialize)]
+struct Answer {
+    seq: Option<u64>,
+    #[serde(default)]
+    duplicate: bool,
+    error: Option<Refusal>,
+}
+
+#[derive(Deserialize)]
+struct Refusal {
+    #[serde(default)]
+    code: u16,
+    #[serde(default)]
+    err_code: u16,
+    #[serde(default)]
+    description: String,
+}
+
+fn answer(message: &Message, event_id: EventId, topic: &str) -> Result<PublishAck> {
+    if message.status == Some(StatusCode::NO_RESPONDERS) {
+        return Err(Error::Broker {
+            message: "no stream answers for this subject (was it deleted?)".into(),
+            source: None,
+        });
+    }
+    match serde_json::from_slice::<Answer>(&message.payload) {
+        Ok(Answer { error: Some(refusal), .. }) => Err(Error::Broker {
+            message: format!(
+                "the stream refused the message: {} (status {}, JetStream error {})",
+                refusal.description, refusal.code, refusal.err_code
+            ),
+            source: None,
+        }),
+        Ok(Answer { seq: Some(sequence), duplicate, error: None }) => {
+            Ok(PublishAck::new(event_id, topic).with_sequence(sequence).with_duplicate(duplicate))
+        }
+        _ => Err(Error::Broker {
+            message: format!("unreadable answer from JetStream: {:?}", String::from_utf8_lossy(&message.payload)),
+            source: None,
+        }),
+    }
+}
