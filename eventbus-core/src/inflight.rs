@@ -63,7 +63,6 @@ struct Expected {
     counters: Arc<Counters>,
     /// The collector, which reports outcomes on the publish-result stream; `None` when that stream is off.
     reporter: Option<mpsc::UnboundedSender<Settling>>,
-    ack_timeout: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -122,20 +121,30 @@ impl Expected {
     /// Settles the publish of `ticket` with what `ack` makes of its event id and topic, unless it timed out or
     /// close() gave up on it.
     fn settle(&self, ticket: AckTicket, ack: impl FnOnce(EventId, &str) -> Result<PublishAck>) {
-        let Some(pending) = self.acks().take(ticket) else {
-            return;
-        };
-        let result = ack(pending.event_id, &pending.topic);
         let Some(reporter) = &self.reporter else {
+            let Some(pending) = self.acks().take(ticket) else {
+                return;
+            };
+            let result = ack(pending.event_id, &pending.topic);
             record(&self.counters, &result);
             let _ = pending.reply.send(result);
             return;
         };
-        let deadline = deadline_in(self.ack_timeout);
+        // Taken and handed to the collector under one lock: close() gives up on registered publishes (under this
+        // lock) before it stops the collector, so the collector has every publish taken before that.
+        let mut acks = self.acks();
+        let Some(pending) = acks.take(ticket) else {
+            return;
+        };
+        let result = ack(pending.event_id, &pending.topic);
+        // Answered already: no deadline of its own while it waits to be reported.
+        let deadline = deadline_in(Duration::MAX);
         let settling = Settling { pending: Some(pending), deadline, ack: Some(std::future::ready(result).boxed()) };
-        // close() gives up on the publishes still registered before it stops the collector, so the collector is
-        // gone here only when the window was dropped: the outcome still reaches the receipt, unreported.
-        if let Err(mpsc::error::SendError(mut settling)) = reporter.send(settling) {
+        let sent = reporter.send(settling);
+        drop(acks);
+        // The collector is gone only when the window was dropped: the outcome still reaches the receipt,
+        // unreported.
+        if let Err(mpsc::error::SendError(mut settling)) = sent {
             if let (Some(pending), Some(ack)) = (settling.pending.take(), settling.ack.take()) {
                 let result = ack.now_or_never().unwrap_or(Err(Error::ClosedBeforeAck));
                 record(&self.counters, &result);
@@ -294,7 +303,6 @@ impl PublishWindow {
             acks: Mutex::default(),
             counters: counters.clone(),
             reporter: results.as_ref().map(|_| pending.clone()),
-            ack_timeout: config.ack_timeout,
         };
         let expected = Arc::new(expected);
         let collector = Collector {
@@ -593,8 +601,8 @@ impl Collector {
         ids
     }
 
-    /// Settles every ack whose deadline has passed as timed out, dropping its future. Returns how many timed
-    /// out and the earliest deadline left.
+    /// Settles every ack whose deadline has passed as timed out (or with its answer, should it have come while
+    /// it waited), dropping its future. Returns how many it settled and the earliest deadline left.
     async fn expire(
         &self,
         acks: &mut FuturesUnordered<Settling>,
@@ -608,15 +616,18 @@ impl Collector {
                 continue;
             }
             if settling.deadline <= now {
+                // An answer that came in while the reports waited is no timeout.
+                let result = settling.ack.as_mut().and_then(|ack| ack.now_or_never());
                 settling.ack = None;
-                expired.extend(settling.pending.take());
+                expired.extend(settling.pending.take().map(|pending| (pending, result)));
             } else if earliest.is_none_or(|at| settling.deadline < at) {
                 earliest = Some(settling.deadline);
             }
         }
         let count = expired.len();
-        for pending in expired {
-            self.settle(pending, Err(Error::AckTimeout(self.ack_timeout)), give_up).await;
+        for (pending, answer) in expired {
+            let result = answer.unwrap_or(Err(Error::AckTimeout(self.ack_timeout)));
+            self.settle(pending, result, give_up).await;
         }
         (count, earliest)
     }

@@ -54,6 +54,8 @@ async fn read(mut subscriber: Subscriber, settler: AckSettler, ticket_at: usize)
         };
         settler.settle(ticket, |event_id, topic| answer(&message, event_id, topic));
     }
+    // Only a closed connection or a refused subscription ends the stream before close() stops the reader.
+    tracing::warn!("the inbox for publish acks closed; publishes will time out until the bus is reconnected");
 }
 
 /// JetStream's answer to a publish: the stored position, or why it was not stored.
@@ -97,5 +99,42 @@ fn answer(message: &Message, event_id: EventId, topic: &str) -> Result<PublishAc
             message: format!("unreadable answer from JetStream: {:?}", String::from_utf8_lossy(&message.payload)),
             source: None,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(payload: &str, status: Option<StatusCode>) -> Message {
+        Message {
+            subject: "_INBOX.x.0.1".into(),
+            reply: None,
+            payload: payload.to_owned().into(),
+            headers: None,
+            status,
+            description: None,
+            length: payload.len(),
+        }
+    }
+
+    #[test]
+    fn answers_map_to_acks_and_errors() {
+        let id = EventId::new();
+        let stored = answer(&message(r#"{"stream":"EVENTBUS_orders","seq":42}"#, None), id, "orders").expect("stored");
+        assert_eq!(
+            (stored.event_id, stored.topic.as_str(), stored.sequence, stored.duplicate),
+            (id, "orders", Some(42), false)
+        );
+        let again =
+            answer(&message(r#"{"stream":"S","seq":42,"duplicate":true}"#, None), id, "orders").expect("stored");
+        assert!(again.duplicate);
+        let refused = r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"},"seq":0}"#;
+        let refused = answer(&message(refused, None), id, "orders").expect_err("refused").to_string();
+        assert!(refused.contains("maximum messages exceeded") && refused.contains("10077"), "{refused}");
+        let gone = answer(&message("", Some(StatusCode::NO_RESPONDERS)), id, "orders").expect_err("no stream");
+        assert!(gone.to_string().contains("no stream answers"), "{gone}");
+        let garbled = answer(&message("not json", None), id, "orders").expect_err("unreadable").to_string();
+        assert!(garbled.contains("unreadable") && garbled.contains("not json"), "{garbled}");
     }
 }

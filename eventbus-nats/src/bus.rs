@@ -10,7 +10,7 @@ use async_nats::{Client, HeaderMap};
 use async_trait::async_trait;
 use eventbus_core::deadline::lazy_timeout;
 use eventbus_core::dispatch::{DeadLetterSink, Dispatcher, WorkerSettings};
-use eventbus_core::inflight::WindowSlot;
+use eventbus_core::inflight::{AckCallback, WindowSlot};
 use eventbus_core::lifecycle::BusCore;
 use eventbus_core::subscription::SubscriptionControl;
 use eventbus_core::wire::{self, WireMessage};
@@ -60,7 +60,8 @@ impl NatsBus {
         }
         let events = Arc::new(ConnectionEvents::default());
         let client = connect::connect(&config, events.clone()).await?;
-        // Dead letters and the bus's API requests go through this context; events do not (see `Inner::send`).
+        // Dead letters and the bus's API requests go through this context; events do not (see `Inner::send`), so
+        // its in-flight limit only bounds dead letters.
         let js = ContextBuilder::new()
             .timeout(config.publish.ack_timeout.max(config.nats.request_timeout) + Duration::from_secs(1))
             .max_ack_inflight(config.publish.window)
@@ -113,17 +114,40 @@ impl Inner {
         let expected = core.window.expect_ack(slot, &known.name, envelope.event_id, &envelope.aggregate_id);
         let (receipt, callback) = core.count_rejection(expected)?;
         let reply = live.acks.reply_subject(callback.ticket());
+        // A publish cancelled while its message waits for room on the client was never sent: withdrawn, not
+        // failed.
+        let unsent = Unsent(Some(callback));
         let sending = live.client.publish_with_reply_and_headers(subject, reply, headers, payload);
         let refusal = match lazy_timeout(enqueue_timeout, sending).await {
             Ok(Ok(())) => {
-                callback.detach();
+                unsent.sent();
                 return Ok(receipt);
             }
             Ok(Err(error)) => Error::broker("publish failed", error),
             Err(_) => Error::Backpressure { window: self.config.publish.window, waited: enqueue_timeout },
         };
-        callback.withdraw();
+        drop(unsent);
         core.count_rejection(Err(refusal))
+    }
+}
+
+/// A registered publish whose message is not on the client yet; dropped so, it is withdrawn.
+struct Unsent(Option<AckCallback>);
+
+impl Unsent {
+    /// The message is on the client: the ack inbox settles the publish from here.
+    fn sent(mut self) {
+        if let Some(callback) = self.0.take() {
+            callback.detach();
+        }
+    }
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        if let Some(callback) = self.0.take() {
+            callback.withdraw();
+        }
     }
 }
 

@@ -52,6 +52,13 @@ impl ConnectionEvents {
                 let state = self.health().state;
                 self.set_state(state, Some(format!("client error: {error}")));
             }
+            // The client dropped messages a full subscription could not take; on the ack inbox that turns
+            // stored publishes into ack timeouts, so it shows in health().
+            Event::SlowConsumer(subscription) => {
+                tracing::warn!(subscription, "a NATS subscription fell behind and the client dropped messages");
+                let state = self.health().state;
+                self.set_state(state, Some(format!("slow consumer: subscription {subscription} dropped messages")));
+            }
             other => tracing::debug!(event = %other, "NATS connection event"),
         }
     }
@@ -82,10 +89,11 @@ pub(crate) async fn connect(config: &BusConfig, events: Arc<ConnectionEvents>) -
         .connection_timeout(config.connect_timeout)
         .request_timeout(Some(nats.request_timeout))
         .ping_interval(nats.ping_interval)
-        // Room on the client for a full window of publishes plus their acks, so queuing there never waits.
+        // Room on the client for a full window of publishes plus the acks of handled messages, so queuing there
+        // never waits.
         .client_capacity((config.publish.window * 2).max(2048))
-        // Room on every subscription for a full window of publish acks: the server drops what a full
-        // subscription cannot take, and an ack dropped there would time out a publish that was stored.
+        // Room on every subscription for a full window of publish answers: the client drops what a full
+        // subscription cannot take, and an answer dropped there would time out a publish that was stored.
         .subscription_capacity((config.publish.window + 1024).max(64 * 1024))
         .max_reconnects(nats.reconnect.max_attempts)
         .reconnect_delay_callback(move |attempts| reconnect_delay(attempts, max_delay))
