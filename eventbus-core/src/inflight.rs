@@ -370,7 +370,7 @@ impl PublishWindow {
             return self.settle(slot, topic, event_id, aggregate_id, result).await;
         }
         let deadline = deadline_in(self.ack_timeout);
-        let (pending, receiver) = self.pending(slot, topic, event_id, aggregate_id);
+        let (pending, receiver) = self.new_pending(slot, topic, event_id, aggregate_id);
         match self.pending.send(Settling { pending: Some(pending), deadline, ack: Some(ack) }) {
             Ok(()) => PublishReceipt::pending(event_id, receiver),
             // The collector is gone: close() gave up on pending acks while this one was being sent.
@@ -393,7 +393,7 @@ impl PublishWindow {
         event_id: EventId,
         aggregate_id: &str,
     ) -> Result<(PublishReceipt, AckCallback)> {
-        let (pending, receiver) = self.pending(slot, topic, event_id, aggregate_id);
+        let (pending, receiver) = self.new_pending(slot, topic, event_id, aggregate_id);
         let deadline = deadline_in(self.ack_timeout);
         let ticket = {
             let mut acks = self.expected.acks();
@@ -413,7 +413,8 @@ impl PublishWindow {
         AckSettler { expected: self.expected.clone() }
     }
 
-    fn pending(
+    /// A publish's pending state, holding its slot, and the receiver its receipt waits on.
+    fn new_pending(
         &self,
         slot: WindowSlot,
         topic: &Arc<str>,

@@ -13,6 +13,9 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio_util::task::AbortOnDropHandle;
 
+/// Why a publish failed when no stream takes its subject: the server's "no responders".
+pub(crate) const NO_STREAM: &str = "no stream answers for this subject (was it deleted?)";
+
 /// The bus's inbox for publish acks and the task reading it.
 pub(crate) struct AckInbox {
     prefix: String,
@@ -79,10 +82,7 @@ struct Refusal {
 
 fn answer(message: &Message, event_id: EventId, topic: &str) -> Result<PublishAck> {
     if message.status == Some(StatusCode::NO_RESPONDERS) {
-        return Err(Error::Broker {
-            message: "no stream answers for this subject (was it deleted?)".into(),
-            source: None,
-        });
+        return Err(Error::Broker { message: NO_STREAM.into(), source: None });
     }
     match serde_json::from_slice::<Answer>(&message.payload) {
         Ok(Answer { error: Some(refusal), .. }) => Err(Error::Broker {

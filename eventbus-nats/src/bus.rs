@@ -21,7 +21,7 @@ use eventbus_core::{
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::acks::AckInbox;
+use crate::acks::{AckInbox, NO_STREAM};
 use crate::connect::{self, ConnectionEvents};
 use crate::consume::{self, Claim};
 use crate::naming::{self, partition_of};
@@ -232,10 +232,7 @@ async fn share_every_partition(
 fn publish_error(error: async_nats::jetstream::context::PublishError) -> Error {
     match error.kind() {
         PublishErrorKind::TimedOut => Error::Broker { message: format!("publish timed out: {error}"), source: None },
-        PublishErrorKind::StreamNotFound => Error::Broker {
-            message: "no stream answers for this subject (was it deleted?)".into(),
-            source: Some(Arc::new(error)),
-        },
+        PublishErrorKind::StreamNotFound => Error::Broker { message: NO_STREAM.into(), source: Some(Arc::new(error)) },
         _ => Error::broker("publish failed", error),
     }
 }
