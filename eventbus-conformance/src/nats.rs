@@ -474,7 +474,74 @@ pub async fn ownership(nats: &Nats) -> anyhow::Result<()> {
     lost_delivery(nats).await?;
     interrupted_take_over(nats).await?;
     queued_kept_alive(nats).await?;
+    settled_behind_kept_alive(nats).await?;
     shared_partitions(nats).await
+}
+
+/// settled-behind-a-slow-one: an owner acks its partition up to the first delivery not yet handled, so the
+/// deliveries handled after a slow one wait unacknowledged (one partition, a 2 s ack wait, the first event's
+/// handler taking 5 s while 20 events of four other aggregates are handled at once). They get in-progress
+/// notices, so the server delivers none of them again; once the slow one is done, the whole partition is
+/// acknowledged.
+async fn settled_behind_kept_alive(nats: &Nats) -> anyhow::Result<()> {
+    let mut config = own_streams(nats, "BEHIND");
+    config.nats.ack_wait = Duration::from_secs(2);
+    config.nats.partitions = 1;
+    let workload = crate::workload::Workload::new("behind", 5, 5, 1);
+    let topic = &workload.topics[0];
+    let slow_aggregate = workload.aggregate_id(0);
+    let recorder = Arc::new(crate::recorder::Recorder::default());
+    let bus = Arc::new(NatsBus::connect(config.clone()).await?);
+    let recording = recorder.clone();
+    let member = bus
+        .subscribe_with(topic, SubscribeOptions::group("behind").concurrency(5), move |event| {
+            let recorder = recording.clone();
+            let slow = event.aggregate_id == slow_aggregate && event.event_version == 1;
+            async move {
+                if slow {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                recorder.record(&event);
+                Ok(())
+            }
+        })
+        .await?;
+    let published = workload.publish(bus.clone()).await;
+    let complete = recorder.wait_for(workload.total(), DELIVERY_DEADLINE).await;
+    // Redeliveries of the ones handled last would come within an ack wait.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let js = jetstream::new(async_nats::connect(nats.url()).await?);
+    let mut stream = js.get_stream(naming::stream_name(&config.nats.stream_prefix, topic)).await?;
+    let mut consumer: jetstream::consumer::PullConsumer = stream
+        .get_consumer(&naming::durable_name("behind", 0))
+        .await
+        .map_err(|e| anyhow::anyhow!("the partition's consumer: {e}"))?;
+    let info = consumer.info().await?.clone();
+    let last = stream.info().await?.state.last_sequence;
+    member.close().await;
+    bus.close().await;
+    let tally = recorder.tally(workload.total());
+    figures(
+        nats,
+        "ownership",
+        "settled-behind-a-slow-one",
+        format_args!(
+            "messages={} [{tally}] unacknowledged={} ack_floor={} last={last}",
+            workload.total(),
+            info.num_ack_pending,
+            info.ack_floor.stream_sequence
+        ),
+    );
+    ensure!(published.failed == 0, "publishes failed: {:?}", published.errors);
+    ensure!(complete && tally.violations == 0, "{tally}");
+    ensure!(tally.duplicates == 0, "deliveries handled behind the slow one were delivered again: {tally}");
+    ensure!(
+        info.num_ack_pending == 0 && info.ack_floor.stream_sequence == last,
+        "the partition is not acknowledged through its last message: {} unacknowledged, ack floor {} of {last}",
+        info.num_ack_pending,
+        info.ack_floor.stream_sequence
+    );
+    Ok(())
 }
 
 /// queued-kept-alive: an owner holds more than its workers handle within the ack wait (one worker, 300 ms per

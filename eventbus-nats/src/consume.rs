@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::{AckPolicy, PullConsumer};
 use async_nats::jetstream::{self, AckKind};
 use async_trait::async_trait;
 use eventbus_core::dispatch::{Acker, Delivery, DispatchSlot, Dispatcher, Message};
@@ -17,6 +17,7 @@ use futures_util::stream::{self, BoxStream, FuturesUnordered, SelectAll, StreamE
 use futures_util::FutureExt;
 use tokio::sync::mpsc;
 
+use crate::floor::AckFloor;
 use crate::provision::TakenOver;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
@@ -52,6 +53,9 @@ pub(crate) struct Claim {
     /// For a partition owner, the consumer sequence the next delivery must carry (0 for members that share
     /// every partition, which see gaps as a matter of course).
     next_delivery: AtomicU64,
+    /// For a partition owner whose consumer acknowledges under `AckAll`, the settled prefix of its deliveries,
+    /// acked in bulk; `None` where each delivery is acked on its own.
+    floor: Option<AckFloor>,
 }
 
 impl Claim {
@@ -66,7 +70,12 @@ impl Claim {
     }
 
     fn new(partition: u16, consumer: PullConsumer, ack_wait: Duration, hand_back: bool, next: u64) -> Arc<Self> {
+        // A consumer created by the bus acknowledges under `AckAll`; one created otherwise (explicit acks) keeps
+        // an ack per delivery.
+        let ack_all = consumer.cached_info().config.ack_policy == AckPolicy::All;
+        let floor = (next > 0 && ack_all).then(|| AckFloor::new(next));
         Arc::new(Self {
+            floor,
             partition,
             consumer,
             revoked: CancellationToken::new(),
@@ -78,23 +87,58 @@ impl Claim {
         })
     }
 
-    /// Whether `message` is the delivery after the previous one. A partition's owner is its only puller, so a
-    /// gap means a delivery was lost on the way (a connection dropped with messages in flight): the server
+    /// For a partition owner, the consumer sequence of `message`, checked to be the delivery after the
+    /// previous one (`None` for members that share every partition). A partition's owner is its only puller,
+    /// so a gap means a delivery was lost on the way (a connection dropped with messages in flight): the server
     /// redelivers it only after its ack wait, and a later event of its aggregate would overtake it.
-    fn in_sequence(&self, message: &jetstream::Message) -> bool {
+    fn sequence(&self, message: &jetstream::Message) -> std::result::Result<Option<u64>, Gap> {
         let expected = self.next_delivery.load(Ordering::Acquire);
         if expected == 0 {
-            return true;
+            return Ok(None);
         }
-        let Ok(info) = message.info() else { return true };
-        self.next_delivery.store(info.consumer_sequence + 1, Ordering::Release);
-        info.consumer_sequence == expected
+        // Every JetStream delivery carries its sequences in its reply subject; one without them cannot be placed.
+        let sequence = message.info().map_err(|_| Gap)?.consumer_sequence;
+        self.next_delivery.store(sequence + 1, Ordering::Release);
+        if sequence == expected {
+            Ok(Some(sequence))
+        } else {
+            Err(Gap)
+        }
     }
 
-    /// Whether every delivery of this claim is settled and none of its pull streams is open, so another
-    /// member may take the partition over.
+    /// Whether every delivery of this claim is settled and acknowledged and none of its pull streams is open,
+    /// so another member may take the partition over.
     pub(crate) fn idle(&self) -> bool {
-        self.unsettled.load(Ordering::Acquire) == 0 && self.pulling.load(Ordering::Acquire) == 0
+        self.unsettled.load(Ordering::Acquire) == 0
+            && self.pulling.load(Ordering::Acquire) == 0
+            && self.floor.as_ref().is_none_or(AckFloor::is_acknowledged)
+    }
+
+    /// Reports in progress the deliveries settled behind an unsettled one (see
+    /// [`AckFloor::waiting_behind`]), every third of the ack wait.
+    pub(crate) async fn keep_settled_alive(&self) {
+        if let Some(floor) = &self.floor {
+            AckFloor::keep_alive(floor.waiting_behind(self.progress_interval)).await;
+        }
+    }
+}
+
+/// A delivery that does not follow the previous one of its partition.
+struct Gap;
+
+/// A delivery of a claim not settled yet, counted in the claim while it lives.
+struct Unsettled(Arc<Claim>);
+
+impl Unsettled {
+    fn new(claim: Arc<Claim>) -> Self {
+        claim.unsettled.fetch_add(1, Ordering::AcqRel);
+        Self(claim)
+    }
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        self.0.unsettled.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -208,14 +252,14 @@ pub(crate) async fn fetch(
         };
         match pulled {
             Pulled::Message(Ok(message), claim) => {
-                if !claim.in_sequence(&message) {
+                let Ok(sequence) = claim.sequence(&message) else {
                     // Left unacknowledged: the member re-reads the partition from its first unacknowledged
                     // message once everything of this claim has settled.
                     tracing::warn!(%topic, partition = claim.partition, "a delivery was lost in transit; re-reading the partition");
                     claim.revoked.cancel();
                     continue;
-                }
-                let delivery = delivery(message, claim);
+                };
+                let delivery = delivery(message, claim, sequence);
                 let Some(slot) = reserve(&dispatcher, &mut progress, stopped.as_mut()).await else {
                     delivery.acker.release().await;
                     break;
@@ -236,7 +280,7 @@ pub(crate) async fn fetch(
     // Messages the client already received for this subscription go back to the group too.
     while let Some(Some(pulled)) = streams.next().now_or_never() {
         if let Pulled::Message(Ok(message), claim) = pulled {
-            delivery(message, claim).acker.release().await;
+            delivery(message, claim, None).acker.release().await;
         }
     }
 }
@@ -281,8 +325,9 @@ fn reopen(claim: Arc<Claim>, pulling: Pulling) -> Reopen {
     .boxed()
 }
 
-/// Decodes a JetStream message into a delivery; what cannot be decoded is kept raw for the dead-letter topic.
-pub(crate) fn delivery(message: jetstream::Message, claim: Arc<Claim>) -> Delivery {
+/// Decodes a JetStream message into a delivery (`sequence` is its consumer sequence, for an owner acking in
+/// bulk); what cannot be decoded is kept raw for the dead-letter topic.
+pub(crate) fn delivery(message: jetstream::Message, claim: Arc<Claim>, sequence: Option<u64>) -> Delivery {
     let headers = || {
         message
             .headers
@@ -295,29 +340,45 @@ pub(crate) fn delivery(message: jetstream::Message, claim: Arc<Claim>) -> Delive
         Ok(envelope) => Message::Event(Arc::new(envelope)),
         Err(error) => Message::Undecodable { wire: raw(headers(), &message.payload), error },
     };
-    claim.unsettled.fetch_add(1, Ordering::AcqRel);
-    Delivery { message: message_kind, acker: Box::new(NatsAcker { message, claim }) }
+    Delivery { message: message_kind, acker: Box::new(NatsAcker { message, sequence, claim: Unsettled::new(claim) }) }
 }
 
 fn raw<'a>(headers: impl Iterator<Item = (&'a str, &'a str)>, payload: &bytes::Bytes) -> WireMessage {
     WireMessage { headers: headers.map(|(n, v)| (n.to_owned(), v.to_owned())).collect(), payload: payload.clone() }
 }
 
-/// Acknowledges one JetStream message.
+/// Acknowledges one JetStream message, on its own or as part of its partition's settled prefix.
 struct NatsAcker {
     message: jetstream::Message,
-    claim: Arc<Claim>,
+    /// Consumer sequence, for an owner acking in bulk.
+    sequence: Option<u64>,
+    claim: Unsettled,
 }
 
 #[async_trait]
 impl Acker for NatsAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
         self.trace("ack");
-        self.message.ack().await.map_err(|e| Error::Broker { message: format!("ack failed: {e}"), source: None })
+        let NatsAcker { message, sequence, claim } = *self;
+        match (&claim.0.floor, sequence) {
+            // Counted unsettled until its ack is sent, when this caller sends it.
+            (Some(floor), Some(sequence)) => {
+                if floor.settle(sequence, message) {
+                    floor.send_due().await
+                } else {
+                    Ok(())
+                }
+            }
+            _ => message.ack().await.map_err(|e| Error::Broker { message: format!("ack failed: {e}"), source: None }),
+        }
     }
 
-    /// Dead-lettered: `Term` tells the server never to redeliver it.
+    /// Dead-lettered: `Term` tells the server never to redeliver it. Under `AckAll` a `Term` would acknowledge
+    /// every earlier delivery too, handled or not: there the dead-lettered delivery joins the settled prefix.
     async fn terminate(self: Box<Self>) -> Result<()> {
+        if self.claim.0.floor.is_some() && self.sequence.is_some() {
+            return self.ack().await;
+        }
         self.message
             .ack_with(AckKind::Term)
             .await
@@ -328,7 +389,7 @@ impl Acker for NatsAcker {
     /// member once this subscription's pull requests have expired, instead of after the full ack wait. A
     /// partition owner leaves it: the next owner re-creates the consumer at the first unacknowledged message.
     async fn release(self: Box<Self>) {
-        if !self.claim.hand_back {
+        if !self.claim.0.hand_back {
             return;
         }
         self.trace("nak");
@@ -339,11 +400,11 @@ impl Acker for NatsAcker {
 
     /// False once the partition passed to another member: the delivery is skipped, for the new owner.
     fn is_current(&self) -> bool {
-        !self.claim.revoked.is_cancelled()
+        !self.claim.0.revoked.is_cancelled()
     }
 
     fn progress_interval(&self) -> Option<Duration> {
-        Some(self.claim.progress_interval)
+        Some(self.claim.0.progress_interval)
     }
 
     fn queued_progress(&self) -> Option<futures_util::future::BoxFuture<'static, ()>> {
@@ -375,11 +436,5 @@ impl NatsAcker {
                 tracing::trace!(consumer, stream_sequence, delivered, "{what}");
             }
         }
-    }
-}
-
-impl Drop for NatsAcker {
-    fn drop(&mut self) {
-        self.claim.unsettled.fetch_sub(1, Ordering::AcqRel);
     }
 }

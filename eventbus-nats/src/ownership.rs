@@ -230,6 +230,9 @@ impl Keeper {
                 tracing::debug!(scope = %self.scope, %error, "renewing presence failed");
             }
             self.renew(timeout).await;
+            for lease in self.held.values().chain(self.releasing.values()) {
+                lease.claim.keep_settled_alive().await;
+            }
         }
         self.resume_stalled().await;
         let share = self.share();

@@ -126,7 +126,9 @@ impl Provisioner {
         pull::Config {
             durable_name: Some(naming::durable_name(group, partition)),
             filter_subject: naming::subject(&self.config.subject_prefix, topic, partition),
-            ack_policy: AckPolicy::Explicit,
+            // An owner acks the settled prefix of its partition with one ack (`floor.rs`); with one message
+            // per partition outstanding, an ack of it is an ack of it alone.
+            ack_policy: AckPolicy::All,
             ack_wait,
             max_ack_pending: i64::from(self.config.max_ack_pending),
             deliver_policy: DeliverPolicy::All,
@@ -257,10 +259,12 @@ impl Provisioner {
             }
             Provisioning::CreateOrUpdate => {
                 // The server cannot change where a consumer starts, and one taken over from another member
-                // starts at its first unacknowledged message: the update keeps that.
+                // starts at its first unacknowledged message: the update keeps that. Nor can it change how a
+                // consumer acknowledges: explicit acks are kept, and acked one by one.
                 let mut update = desired.clone();
                 if let Ok(Ok(info)) = tokio::time::timeout(timeout, stream.consumer_info(&name)).await {
                     update.deliver_policy = info.config.deliver_policy;
+                    update.ack_policy = info.config.ack_policy;
                 }
                 within(timeout, &what, stream.create_consumer(update)).await?
             }
@@ -281,7 +285,8 @@ impl Provisioner {
             (actual.filter_subject != desired.filter_subject).then(|| {
                 format!("filter_subject is {:?}, the bus needs {:?}", actual.filter_subject, desired.filter_subject)
             }),
-            (actual.ack_policy != AckPolicy::Explicit).then(|| "ack_policy is not explicit".to_owned()),
+            (actual.ack_policy == AckPolicy::None)
+                .then(|| "ack_policy is none (the server would forget each message once delivered)".to_owned()),
         ];
         let differences: Vec<String> = differences.into_iter().flatten().collect();
         if !differences.is_empty() {
