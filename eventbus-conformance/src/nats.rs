@@ -659,6 +659,8 @@ async fn lost_delivery(nats: &Nats) -> anyhow::Result<()> {
     // Waiting beside the owner's pull request, it takes one delivery of the partition (nats-server 2.9.10 hands
     // the second event to it: the server serves waiting pull requests in turn).
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut consumer = thief.clone();
+    let owners_requests = consumer.info().await?.num_waiting;
     let mut stolen = thief
         .fetch()
         .max_messages(1)
@@ -666,6 +668,15 @@ async fn lost_delivery(nats: &Nats) -> anyhow::Result<()> {
         .messages()
         .await
         .map_err(|e| anyhow::anyhow!("the thief's pull: {e}"))?;
+    // The thief's pull request travels on a connection of its own: the events must not reach the server before
+    // it does, or the owner's request takes them all.
+    let registered = tokio::time::timeout(Duration::from_secs(10), async {
+        while consumer.info().await.map(|info| info.num_waiting).unwrap_or(0) <= owners_requests {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    ensure!(registered.is_ok(), "the thief's pull request never waited beside the owner's");
     let published = workload.publish(bus.clone()).await;
     let stolen = tokio::time::timeout(Duration::from_secs(10), futures_util::StreamExt::next(&mut stolen))
         .await
