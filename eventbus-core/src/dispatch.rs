@@ -630,8 +630,8 @@ impl Worker {
                 Ok(Err(panic)) => format!("handler panicked: {}", panic_message(&*panic)),
                 Ok(Ok(outcome)) => match outcome {
                     Ok(()) => {
-                        // The capacity permit is kept until the ack is sent, so at most `capacity` deliveries
-                        // are ever unacked.
+                        // The capacity permit is kept until the acker has taken the delivery, so at most
+                        // `capacity` deliveries are ever held unsettled.
                         let Queued { delivery, _permit, .. } = held.item.take().expect("a held delivery");
                         if let Err(error) = delivery.acker.ack().await {
                             tracing::warn!(topic = %self.shared.topic, %error, "ack failed; the broker will redeliver");

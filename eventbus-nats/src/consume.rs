@@ -87,22 +87,24 @@ impl Claim {
         })
     }
 
-    /// For a partition owner, the consumer sequence of `message`, checked to be the delivery after the
+    /// For a partition owner, where `message` stands in the partition, checked to be the delivery after the
     /// previous one (`None` for members that share every partition). A partition's owner is its only puller,
     /// so a gap means a delivery was lost on the way (a connection dropped with messages in flight): the server
     /// redelivers it only after its ack wait, and a later event of its aggregate would overtake it.
-    fn sequence(&self, message: &jetstream::Message) -> std::result::Result<Option<u64>, Gap> {
+    fn place(&self, message: &jetstream::Message) -> std::result::Result<Option<Placed>, OutOfSequence> {
         let expected = self.next_delivery.load(Ordering::Acquire);
         if expected == 0 {
             return Ok(None);
         }
-        // Every JetStream delivery carries its sequences in its reply subject; one without them cannot be placed.
-        let sequence = message.info().map_err(|_| Gap)?.consumer_sequence;
-        self.next_delivery.store(sequence + 1, Ordering::Release);
-        if sequence == expected {
-            Ok(Some(sequence))
+        // Every JetStream delivery carries its sequences in its reply subject; one without them cannot be
+        // placed, and is treated as a gap: the partition is read again from its first unacknowledged message.
+        let info = message.info().map_err(|_| OutOfSequence)?;
+        let placed = Placed { consumer_sequence: info.consumer_sequence, stream_sequence: info.stream_sequence };
+        self.next_delivery.store(placed.consumer_sequence + 1, Ordering::Release);
+        if placed.consumer_sequence == expected {
+            Ok(Some(placed))
         } else {
-            Err(Gap)
+            Err(OutOfSequence)
         }
     }
 
@@ -114,17 +116,45 @@ impl Claim {
             && self.floor.as_ref().is_none_or(AckFloor::is_acknowledged)
     }
 
-    /// Reports in progress the deliveries settled behind an unsettled one (see
-    /// [`AckFloor::waiting_behind`]), every third of the ack wait.
-    pub(crate) async fn keep_settled_alive(&self) {
+    /// Reports in progress the deliveries settled behind an unsettled one (see [`AckFloor::waiting_behind`]),
+    /// and sends an ack left due by a sender that failed or was cancelled.
+    async fn keep_settled_alive(&self) {
         if let Some(floor) = &self.floor {
-            AckFloor::keep_alive(floor.waiting_behind(self.progress_interval)).await;
+            AckFloor::keep_alive(floor.waiting_behind()).await;
+            if let Err(error) = floor.send_unsent().await {
+                tracing::debug!(partition = self.partition, %error, "acking the settled deliveries failed");
+            }
+        }
+    }
+
+    /// Sends the ack of the settled deliveries if no one is sending it, so that a revoked claim becomes idle.
+    pub(crate) async fn send_unsent_ack(&self) {
+        if let Some(floor) = &self.floor {
+            if let Err(error) = floor.send_unsent().await {
+                tracing::debug!(partition = self.partition, %error, "acking the settled deliveries failed");
+            }
+        }
+    }
+
+    /// The partition passed to another member without this one letting it go: its settled deliveries are no
+    /// longer acked (see `floor.rs`).
+    pub(crate) fn lost(&self) {
+        self.revoked.cancel();
+        if let Some(floor) = &self.floor {
+            floor.abandon();
         }
     }
 }
 
-/// A delivery that does not follow the previous one of its partition.
-struct Gap;
+/// Where a delivery of an owned partition stands: its consumer and stream sequences.
+#[derive(Clone, Copy)]
+struct Placed {
+    consumer_sequence: u64,
+    stream_sequence: u64,
+}
+
+/// A delivery that does not follow the previous one of its partition, or cannot be placed at all.
+struct OutOfSequence;
 
 /// A delivery of a claim not settled yet, counted in the claim while it lives.
 struct Unsettled(Arc<Claim>);
@@ -221,6 +251,8 @@ pub(crate) async fn fetch(
     let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + progress_interval, progress_interval);
     progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reopening: FuturesUnordered<Reopen> = FuturesUnordered::new();
+    // Claims of owned partitions, whose deliveries settled behind a slow one are kept alive with the queue's.
+    let mut owned: Vec<Arc<Claim>> = Vec::new();
     // One cancellation waiter for the task's life: registering one per message takes the token's locks, which
     // the subscription's workers share.
     let stopped = stop.cancelled();
@@ -230,10 +262,13 @@ pub(crate) async fn fetch(
             biased;
             _ = &mut stopped => break,
             _ = progress.tick() => {
-                keep_queued_alive(&dispatcher).await;
+                keep_alive(&dispatcher, &mut owned).await;
                 continue;
             }
-            Some((_, stream)) = claims.recv() => {
+            Some((claim, stream)) = claims.recv() => {
+                if claim.floor.is_some() {
+                    owned.push(claim);
+                }
                 streams.push(stream);
                 continue;
             }
@@ -252,15 +287,15 @@ pub(crate) async fn fetch(
         };
         match pulled {
             Pulled::Message(Ok(message), claim) => {
-                let Ok(sequence) = claim.sequence(&message) else {
+                let Ok(placed) = claim.place(&message) else {
                     // Left unacknowledged: the member re-reads the partition from its first unacknowledged
                     // message once everything of this claim has settled.
                     tracing::warn!(%topic, partition = claim.partition, "a delivery was lost in transit; re-reading the partition");
                     claim.revoked.cancel();
                     continue;
                 };
-                let delivery = delivery(message, claim, sequence);
-                let Some(slot) = reserve(&dispatcher, &mut progress, stopped.as_mut()).await else {
+                let delivery = delivery(message, claim, placed);
+                let Some(slot) = reserve(&dispatcher, &mut owned, &mut progress, stopped.as_mut()).await else {
                     delivery.acker.release().await;
                     break;
                 };
@@ -285,15 +320,22 @@ pub(crate) async fn fetch(
     }
 }
 
-/// Progress notices for every delivery waiting in the dispatcher.
-async fn keep_queued_alive(dispatcher: &Dispatcher) {
+/// Progress notices for every delivery waiting in the dispatcher and every one settled behind a slow one in a
+/// partition still `owned` (claims revoked since are dropped from it: their partition's next reader gets those
+/// deliveries again anyway).
+async fn keep_alive(dispatcher: &Dispatcher, owned: &mut Vec<Arc<Claim>>) {
     futures_util::future::join_all(dispatcher.queued_progress()).await;
+    owned.retain(|claim| !claim.revoked.is_cancelled());
+    for claim in owned.iter() {
+        claim.keep_settled_alive().await;
+    }
 }
 
 /// Room in the dispatcher, or `None` once `stopped` completes. A full dispatcher is when its queues are
 /// longest: their progress notices go on while this waits.
 async fn reserve(
     dispatcher: &Dispatcher,
+    owned: &mut Vec<Arc<Claim>>,
     progress: &mut tokio::time::Interval,
     mut stopped: Pin<&mut WaitForCancellationFuture<'_>>,
 ) -> Option<DispatchSlot> {
@@ -306,7 +348,7 @@ async fn reserve(
         tokio::select! {
             biased;
             _ = &mut stopped => return None,
-            _ = progress.tick() => keep_queued_alive(dispatcher).await,
+            _ = progress.tick() => keep_alive(dispatcher, owned).await,
             slot = &mut reserve => return Some(slot),
         }
     }
@@ -325,9 +367,9 @@ fn reopen(claim: Arc<Claim>, pulling: Pulling) -> Reopen {
     .boxed()
 }
 
-/// Decodes a JetStream message into a delivery (`sequence` is its consumer sequence, for an owner acking in
-/// bulk); what cannot be decoded is kept raw for the dead-letter topic.
-pub(crate) fn delivery(message: jetstream::Message, claim: Arc<Claim>, sequence: Option<u64>) -> Delivery {
+/// Decodes a JetStream message into a delivery (`placed` where an owner acks in bulk); what cannot be decoded
+/// is kept raw for the dead-letter topic.
+fn delivery(message: jetstream::Message, claim: Arc<Claim>, placed: Option<Placed>) -> Delivery {
     let headers = || {
         message
             .headers
@@ -340,7 +382,7 @@ pub(crate) fn delivery(message: jetstream::Message, claim: Arc<Claim>, sequence:
         Ok(envelope) => Message::Event(Arc::new(envelope)),
         Err(error) => Message::Undecodable { wire: raw(headers(), &message.payload), error },
     };
-    Delivery { message: message_kind, acker: Box::new(NatsAcker { message, sequence, claim: Unsettled::new(claim) }) }
+    Delivery { message: message_kind, acker: Box::new(NatsAcker { message, placed, claim: Unsettled::new(claim) }) }
 }
 
 fn raw<'a>(headers: impl Iterator<Item = (&'a str, &'a str)>, payload: &bytes::Bytes) -> WireMessage {
@@ -350,8 +392,8 @@ fn raw<'a>(headers: impl Iterator<Item = (&'a str, &'a str)>, payload: &bytes::B
 /// Acknowledges one JetStream message, on its own or as part of its partition's settled prefix.
 struct NatsAcker {
     message: jetstream::Message,
-    /// Consumer sequence, for an owner acking in bulk.
-    sequence: Option<u64>,
+    /// Where the delivery stands in its partition, for an owner acking in bulk.
+    placed: Option<Placed>,
     claim: Unsettled,
 }
 
@@ -359,11 +401,12 @@ struct NatsAcker {
 impl Acker for NatsAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
         self.trace("ack");
-        let NatsAcker { message, sequence, claim } = *self;
-        match (&claim.0.floor, sequence) {
-            // Counted unsettled until its ack is sent, when this caller sends it.
-            (Some(floor), Some(sequence)) => {
-                if floor.settle(sequence, message) {
+        let NatsAcker { message, placed, claim } = *self;
+        match (&claim.0.floor, placed) {
+            // `claim` lives until the end of this call: a caller that sends the prefix's ack keeps the delivery
+            // counted unsettled (the claim not idle) until the ack is on its way.
+            (Some(floor), Some(placed)) => {
+                if floor.settle(placed.consumer_sequence, placed.stream_sequence, message) {
                     floor.send_due().await
                 } else {
                     Ok(())
@@ -376,7 +419,7 @@ impl Acker for NatsAcker {
     /// Dead-lettered: `Term` tells the server never to redeliver it. Under `AckAll` a `Term` would acknowledge
     /// every earlier delivery too, handled or not: there the dead-lettered delivery joins the settled prefix.
     async fn terminate(self: Box<Self>) -> Result<()> {
-        if self.claim.0.floor.is_some() && self.sequence.is_some() {
+        if self.claim.0.floor.is_some() && self.placed.is_some() {
             return self.ack().await;
         }
         self.message

@@ -230,9 +230,6 @@ impl Keeper {
                 tracing::debug!(scope = %self.scope, %error, "renewing presence failed");
             }
             self.renew(timeout).await;
-            for lease in self.held.values().chain(self.releasing.values()) {
-                lease.claim.keep_settled_alive().await;
-            }
         }
         self.resume_stalled().await;
         let share = self.share();
@@ -315,7 +312,7 @@ impl Keeper {
                 _ => {}
             }
             tracing::warn!(scope = %self.scope, partition, "lost the lease of a partition; another member may own it now");
-            lease.claim.revoked.cancel();
+            lease.claim.lost();
             self.held.remove(&partition);
             self.releasing.remove(&partition);
         }
@@ -323,6 +320,9 @@ impl Keeper {
 
     /// Deletes the leases of revoked partitions that are idle: no delivery left unsettled, no pull stream open.
     async fn release_settled(&mut self) {
+        for lease in self.releasing.values() {
+            lease.claim.send_unsent_ack().await;
+        }
         let idle: Vec<u16> = self.releasing.iter().filter(|(_, lease)| lease.claim.idle()).map(|(&p, _)| p).collect();
         for partition in idle {
             let lease = self.releasing.remove(&partition).expect("a releasing lease");
