@@ -490,26 +490,17 @@ async fn settled_behind_kept_alive(nats: &Nats) -> anyhow::Result<()> {
     let workload = crate::workload::Workload::new("behind", 5, 5, 1);
     let topic = &workload.topics[0];
     let slow_aggregate = workload.aggregate_id(0);
-    let recorder = Arc::new(crate::recorder::Recorder::default());
     let bus = Arc::new(NatsBus::connect(config.clone()).await?);
-    let recording = recorder.clone();
-    let member = bus
-        .subscribe_with(topic, SubscribeOptions::group("behind").concurrency(5), move |event| {
-            let recorder = recording.clone();
-            let slow = event.aggregate_id == slow_aggregate && event.event_version == 1;
-            async move {
-                if slow {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                }
-                recorder.record(&event);
-                Ok(())
-            }
-        })
-        .await?;
-    let published = workload.publish(bus.clone()).await;
-    let complete = recorder.wait_for(workload.total(), DELIVERY_DEADLINE).await;
-    // Redeliveries of the ones handled last would come within an ack wait.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let options = SubscribeOptions::group("behind").concurrency(5);
+    let SlowRun { member, recorder, published, complete } = handle_slowly(&bus, &workload, options, move |event| {
+        let slow = event.aggregate_id == slow_aggregate && event.event_version == 1;
+        if slow {
+            Duration::from_secs(5)
+        } else {
+            Duration::ZERO
+        }
+    })
+    .await?;
     let js = jetstream::new(async_nats::connect(nats.url()).await?);
     let mut stream = js.get_stream(naming::stream_name(&config.nats.stream_prefix, topic)).await?;
     let mut consumer: jetstream::consumer::PullConsumer = stream
@@ -551,24 +542,10 @@ async fn queued_kept_alive(nats: &Nats) -> anyhow::Result<()> {
     let mut config = own_streams(nats, "QUEUED");
     config.nats.ack_wait = Duration::from_secs(2);
     let workload = crate::workload::Workload::new("queued", 1, 20, 1);
-    let topic = &workload.topics[0];
-    let recorder = Arc::new(crate::recorder::Recorder::default());
     let bus = Arc::new(NatsBus::connect(config).await?);
-    let recording = recorder.clone();
-    let slow = bus
-        .subscribe_with(topic, SubscribeOptions::group("slow").concurrency(1), move |event| {
-            let recorder = recording.clone();
-            async move {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                recorder.record(&event);
-                Ok(())
-            }
-        })
-        .await?;
-    let published = workload.publish(bus.clone()).await;
-    let complete = recorder.wait_for(workload.total(), DELIVERY_DEADLINE).await;
-    // Redeliveries of the last ones would come within an ack wait.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let SlowRun { member: slow, recorder, published, complete } =
+        handle_slowly(&bus, &workload, SubscribeOptions::group("slow").concurrency(1), |_| Duration::from_millis(300))
+            .await?;
     slow.close().await;
     bus.close().await;
     let tally = recorder.tally(workload.total());
@@ -577,6 +554,41 @@ async fn queued_kept_alive(nats: &Nats) -> anyhow::Result<()> {
     ensure!(complete && tally.violations == 0, "{tally}");
     ensure!(tally.duplicates == 0, "queued deliveries were delivered again: {tally}");
     Ok(())
+}
+
+/// What [`handle_slowly`] leaves: the member, still subscribed, and what it handled.
+struct SlowRun {
+    member: eventbus::Subscription,
+    recorder: Arc<crate::recorder::Recorder>,
+    published: crate::workload::PublishStats,
+    /// Every event arrived within the delivery deadline.
+    complete: bool,
+}
+
+/// Subscribes a member whose handler takes `delay(event)` before recording each event, publishes `workload`
+/// (one topic), and waits for every event, then for one 2 s ack wait more, within which redeliveries would come.
+async fn handle_slowly(
+    bus: &Arc<NatsBus>,
+    workload: &crate::workload::Workload,
+    options: SubscribeOptions,
+    delay: impl Fn(&Envelope) -> Duration + Send + Sync + 'static,
+) -> anyhow::Result<SlowRun> {
+    let recorder = Arc::new(crate::recorder::Recorder::default());
+    let recording = recorder.clone();
+    let member = bus
+        .subscribe_with(&workload.topics[0], options, move |event| {
+            let (recorder, delay) = (recording.clone(), delay(&event));
+            async move {
+                tokio::time::sleep(delay).await;
+                recorder.record(&event);
+                Ok(())
+            }
+        })
+        .await?;
+    let published = workload.publish(bus.clone()).await;
+    let complete = recorder.wait_for(workload.total(), DELIVERY_DEADLINE).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(SlowRun { member, recorder, published, complete })
 }
 
 /// interrupted-take-over: a member that died between deleting a partition's consumer and re-creating it left
