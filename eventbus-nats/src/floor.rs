@@ -54,6 +54,13 @@ struct State<M> {
     abandoned: bool,
 }
 
+impl<M> AckFloor<M> {
+    fn state(&self) -> std::sync::MutexGuard<'_, State<M>> {
+        // Every critical section leaves the state whole: a panic elsewhere does not poison its meaning.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 impl<M: Clone> AckFloor<M> {
     /// A floor for deliveries from consumer sequence `next_delivery` on.
     pub(crate) fn new(next_delivery: u64) -> Self {
@@ -67,11 +74,6 @@ impl<M: Clone> AckFloor<M> {
                 abandoned: false,
             }),
         }
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, State<M>> {
-        // Every critical section leaves the state whole: a panic elsewhere does not poison its meaning.
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Records the delivery of consumer sequence `sequence` and stream sequence `stream_sequence` as settled
@@ -186,7 +188,7 @@ struct Sending<'a, M> {
 impl<M> Sending<'_, M> {
     /// The due ack, or `None` (and the turn given back) when none is.
     fn next_due(&mut self) -> Option<M> {
-        let mut state = self.floor.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.floor.state();
         let due = state.due.take();
         if due.is_none() {
             state.sending = false;
@@ -203,8 +205,9 @@ impl Sending<'_, jetstream::Message> {
         let mut failure = None;
         while let Some(message) = self.next_due() {
             if message.context.client().connection_state() != ConnectionState::Connected {
-                // Queued now, it would be sent on reconnecting, perhaps after another member took over.
-                tracing::debug!("not acking while disconnected; the partition's next reader gets these again");
+                // Queued now, it would be sent on reconnecting, perhaps after another member took over. Left
+                // out, its messages are covered by a later ack, or delivered again.
+                tracing::debug!("not acking settled deliveries while disconnected");
                 continue;
             }
             if let Err(error) = message.ack().await {
@@ -218,7 +221,7 @@ impl Sending<'_, jetstream::Message> {
 impl<M> Drop for Sending<'_, M> {
     fn drop(&mut self) {
         if !self.done {
-            self.floor.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).sending = false;
+            self.floor.state().sending = false;
         }
     }
 }
