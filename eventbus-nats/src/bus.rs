@@ -292,6 +292,7 @@ impl EventBus for NatsBus {
             abandoned.clone(),
         );
         let (claims, claimed) = mpsc::unbounded_channel();
+        let acks_due = Arc::new(tokio::sync::Notify::new());
         if config.nats.max_ack_pending == 1 {
             share_every_partition(&live, topic, &options.group, ack_wait, &claims).await?;
         } else {
@@ -304,6 +305,7 @@ impl EventBus for NatsBus {
                 ack_wait,
                 claims,
                 dispatcher: dispatcher.clone(),
+                acks_due: acks_due.clone(),
             };
             let keeper = ownership::Keeper::new(leases, ttl, scope, config.nats.partitions, target);
             let (ready_tx, ready) = oneshot::channel();
@@ -329,7 +331,7 @@ impl EventBus for NatsBus {
         let topic: Arc<str> = Arc::from(topic);
         control.with_tasks(|tasks| {
             dispatcher.spawn_workers(tasks, handler, settings, stop.clone(), abandoned);
-            tasks.spawn(consume::fetch(topic, claimed, dispatcher.clone(), ack_wait / 3, stop));
+            tasks.spawn(consume::fetch(topic, claimed, dispatcher.clone(), ack_wait / 3, acks_due, stop));
         });
         control.release_on_close(dispatcher);
         inner.core.subscriptions.register(control)

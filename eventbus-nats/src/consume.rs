@@ -15,7 +15,7 @@ use eventbus_core::wire::{self, WireMessage};
 use eventbus_core::{Error, Result};
 use futures_util::stream::{self, BoxStream, FuturesUnordered, SelectAll, StreamExt};
 use futures_util::FutureExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use crate::floor::AckFloor;
 use crate::provision::TakenOver;
@@ -61,19 +61,27 @@ pub(crate) struct Claim {
 impl Claim {
     /// A partition every member of the group pulls from, one message at a time.
     pub(crate) fn shared(partition: u16, consumer: PullConsumer, ack_wait: Duration) -> Arc<Self> {
-        Self::new(partition, consumer, ack_wait, true, 0)
+        Self::new(partition, consumer, ack_wait, true, 0, None)
     }
 
-    /// A partition this member owns, from the position its take-over left.
-    pub(crate) fn owned(partition: u16, taken: TakenOver) -> Arc<Self> {
-        Self::new(partition, taken.consumer, taken.ack_wait, false, taken.next_delivery)
-    }
-
-    fn new(partition: u16, consumer: PullConsumer, ack_wait: Duration, hand_back: bool, next: u64) -> Arc<Self> {
+    /// A partition this member owns, from the position its take-over left. Acks that fall due are signalled
+    /// on `acks_due`, for the subscription's fetch loop to send.
+    pub(crate) fn owned(partition: u16, taken: TakenOver, acks_due: Arc<Notify>) -> Arc<Self> {
         // A consumer created by the bus acknowledges under `AckAll`; one created otherwise (explicit acks) keeps
         // an ack per delivery.
-        let ack_all = consumer.cached_info().config.ack_policy == AckPolicy::All;
-        let floor = (next > 0 && ack_all).then(|| AckFloor::new(next));
+        let ack_all = taken.consumer.cached_info().config.ack_policy == AckPolicy::All;
+        let floor = ack_all.then(|| AckFloor::new(taken.next_delivery, acks_due));
+        Self::new(partition, taken.consumer, taken.ack_wait, false, taken.next_delivery, floor)
+    }
+
+    fn new(
+        partition: u16,
+        consumer: PullConsumer,
+        ack_wait: Duration,
+        hand_back: bool,
+        next: u64,
+        floor: Option<AckFloor>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             floor,
             partition,
@@ -116,22 +124,18 @@ impl Claim {
             && self.floor.as_ref().is_none_or(AckFloor::is_acknowledged)
     }
 
-    /// Reports in progress the deliveries settled behind an unsettled one (see [`AckFloor::waiting_behind`]),
-    /// and sends an ack left due by a sender that failed or was cancelled.
+    /// Reports in progress the deliveries settled behind an unsettled one (see [`AckFloor::waiting_behind`]).
     async fn keep_settled_alive(&self) {
         if let Some(floor) = &self.floor {
             AckFloor::keep_alive(floor.waiting_behind()).await;
-            if let Err(error) = floor.send_unsent().await {
-                tracing::debug!(partition = self.partition, %error, "acking the settled deliveries failed");
-            }
         }
     }
 
-    /// Sends the ack of the settled deliveries if no one is sending it, so that a revoked claim becomes idle.
-    pub(crate) async fn send_unsent_ack(&self) {
+    /// Sends the ack due for the settled deliveries, if one is and no one else is sending it.
+    pub(crate) async fn send_due_ack(&self) {
         if let Some(floor) = &self.floor {
-            if let Err(error) = floor.send_unsent().await {
-                tracing::debug!(partition = self.partition, %error, "acking the settled deliveries failed");
+            if let Err(error) = floor.send_due().await {
+                tracing::debug!(partition = self.partition, %error, "acking the settled deliveries failed; they are delivered again");
             }
         }
     }
@@ -244,12 +248,12 @@ pub(crate) async fn fetch(
     mut claims: mpsc::UnboundedReceiver<(Arc<Claim>, PartitionStream)>,
     dispatcher: Dispatcher,
     progress_interval: Duration,
+    acks_due: Arc<Notify>,
     stop: CancellationToken,
 ) {
     let mut streams: SelectAll<PartitionStream> = SelectAll::new();
     // Queued deliveries are kept alive too: a member may hold more than its workers handle within the ack wait.
-    let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + progress_interval, progress_interval);
-    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut progress = progress_ticks(progress_interval);
     let mut reopening: FuturesUnordered<Reopen> = FuturesUnordered::new();
     // Claims of owned partitions, whose deliveries settled behind a slow one are kept alive with the queue's.
     let mut owned: Vec<Arc<Claim>> = Vec::new();
@@ -257,15 +261,27 @@ pub(crate) async fn fetch(
     // the subscription's workers share.
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
+    // Likewise one waiter for the acks that fall due, renewed each time it fires.
+    let acks = acks_due.notified();
+    tokio::pin!(acks);
     loop {
         let pulled = tokio::select! {
             biased;
             _ = &mut stopped => break,
+            _ = &mut acks => {
+                acks.set(acks_due.notified());
+                send_due_acks(&mut owned).await;
+                continue;
+            }
             _ = progress.tick() => {
                 keep_alive(&dispatcher, &mut owned).await;
                 continue;
             }
             Some((claim, stream)) = claims.recv() => {
+                // An existing consumer keeps its own ack wait, which may be shorter than the configured one.
+                if claim.progress_interval < progress.period() {
+                    progress = progress_ticks(claim.progress_interval);
+                }
                 if claim.floor.is_some() {
                     owned.push(claim);
                 }
@@ -295,7 +311,13 @@ pub(crate) async fn fetch(
                     continue;
                 };
                 let delivery = delivery(message, claim, placed);
-                let Some(slot) = reserve(&dispatcher, &mut owned, &mut progress, stopped.as_mut()).await else {
+                let waits = Waits {
+                    progress: &mut progress,
+                    acks_due: &acks_due,
+                    acks: acks.as_mut(),
+                    stopped: stopped.as_mut(),
+                };
+                let Some(slot) = reserve(&dispatcher, &mut owned, waits).await else {
                     delivery.acker.release().await;
                     break;
                 };
@@ -320,6 +342,13 @@ pub(crate) async fn fetch(
     }
 }
 
+/// Ticks every `interval`, from one `interval` on.
+fn progress_ticks(interval: Duration) -> tokio::time::Interval {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks
+}
+
 /// Progress notices for every delivery waiting in the dispatcher and every one settled behind a slow one in a
 /// partition still `owned` (claims revoked since are dropped from it: their partition's next reader gets those
 /// deliveries again anyway).
@@ -331,13 +360,29 @@ async fn keep_alive(dispatcher: &Dispatcher, owned: &mut Vec<Arc<Claim>>) {
     }
 }
 
+/// Sends the acks due in the partitions still `owned` (a revoked partition's last ack is sent by its keeper
+/// before it lets the partition go).
+async fn send_due_acks(owned: &mut Vec<Arc<Claim>>) {
+    owned.retain(|claim| !claim.revoked.is_cancelled());
+    for claim in owned.iter() {
+        claim.send_due_ack().await;
+    }
+}
+
+/// What the fetch loop goes on waiting for while it waits for room in the dispatcher.
+struct Waits<'a, 'b> {
+    progress: &'a mut tokio::time::Interval,
+    acks_due: &'b Notify,
+    acks: Pin<&'a mut tokio::sync::futures::Notified<'b>>,
+    stopped: Pin<&'a mut WaitForCancellationFuture<'b>>,
+}
+
 /// Room in the dispatcher, or `None` once `stopped` completes. A full dispatcher is when its queues are
-/// longest: their progress notices go on while this waits.
+/// longest: their progress notices go on while this waits, and so do the acks that free room on the server.
 async fn reserve(
     dispatcher: &Dispatcher,
     owned: &mut Vec<Arc<Claim>>,
-    progress: &mut tokio::time::Interval,
-    mut stopped: Pin<&mut WaitForCancellationFuture<'_>>,
+    mut waits: Waits<'_, '_>,
 ) -> Option<DispatchSlot> {
     if let Some(slot) = dispatcher.try_reserve() {
         return Some(slot);
@@ -347,8 +392,12 @@ async fn reserve(
     loop {
         tokio::select! {
             biased;
-            _ = &mut stopped => return None,
-            _ = progress.tick() => keep_alive(dispatcher, owned).await,
+            _ = &mut waits.stopped => return None,
+            _ = &mut waits.acks => {
+                waits.acks.set(waits.acks_due.notified());
+                send_due_acks(owned).await;
+            }
+            _ = waits.progress.tick() => keep_alive(dispatcher, owned).await,
             slot = &mut reserve => return Some(slot),
         }
     }
@@ -403,14 +452,10 @@ impl Acker for NatsAcker {
         self.trace("ack");
         let NatsAcker { message, placed, claim } = *self;
         match (&claim.0.floor, placed) {
-            // `claim` lives until the end of this call: a caller that sends the prefix's ack keeps the delivery
-            // counted unsettled (the claim not idle) until the ack is on its way.
+            // The fetch loop sends the ack; until it has, the claim counts as not idle.
             (Some(floor), Some(placed)) => {
-                if floor.settle(placed.consumer_sequence, placed.stream_sequence, message) {
-                    floor.send_due().await
-                } else {
-                    Ok(())
-                }
+                floor.settle(placed.consumer_sequence, placed.stream_sequence, message);
+                Ok(())
             }
             _ => message.ack().await.map_err(|e| Error::Broker { message: format!("ack failed: {e}"), source: None }),
         }

@@ -3,9 +3,10 @@
 //! The partition's owner is its only puller, so its deliveries come in consumer-sequence order without gaps; its
 //! workers settle them out of that order (one aggregate's handler may take longer than the next one's), so the
 //! floor keeps the settled deliveries past the first unsettled one and acks only the settled prefix's delivery
-//! of highest stream sequence, once for as many deliveries as settled meanwhile. Each ack is a message the
-//! server parses and applies; sparing most of them raised a saturated server's throughput by about a tenth
-//! (docs/benchmarks.md).
+//! of highest stream sequence. Workers only record what they settled and signal the subscription's fetch loop,
+//! which sends the ack: one for as many deliveries as settled before it got round to it, and no worker holds
+//! its aggregate while an ack is sent. Each ack is a message the server parses and applies; sparing most of
+//! them raised a saturated server's throughput by about a tenth (docs/benchmarks.md).
 //!
 //! Every stream sequence up to the acked one was first delivered within the prefix (a consumer delivers new
 //! messages in stream order), so the ack covers only handled messages. A delivery that is never settled
@@ -20,16 +21,19 @@
 //! reconnecting, possibly after a take-over).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_nats::connection::State as ConnectionState;
 use async_nats::jetstream::{self, AckKind};
 use eventbus_core::{Error, Result};
+use tokio::sync::Notify;
 
 /// The settled prefix of an owned partition's deliveries, and the ack that covers it. `M` is the delivered
 /// message (generic only for the tests).
 pub(crate) struct AckFloor<M = jetstream::Message> {
     state: Mutex<State<M>>,
+    /// Signalled when an ack falls due; the subscription's fetch loop sends it.
+    acks_due: Arc<Notify>,
 }
 
 /// A settled delivery.
@@ -43,6 +47,10 @@ struct State<M> {
     through: u64,
     /// Highest stream sequence of the prefix, acknowledged or due.
     covered: u64,
+    /// Highest stream sequence whose ack was sent. An ack dropped unsent (while disconnected, failed, or
+    /// cancelled) brings `covered` back here, so the redeliveries of what it would have acknowledged are acked
+    /// when they settle.
+    acked: u64,
     /// The prefix's delivery of highest stream sequence, while its ack is not sent. Usually the last delivery;
     /// a redelivery of an older message can end the prefix with a lower stream sequence.
     due: Option<Settled<M>>,
@@ -62,12 +70,15 @@ impl<M> AckFloor<M> {
 }
 
 impl<M: Clone> AckFloor<M> {
-    /// A floor for deliveries from consumer sequence `next_delivery` on.
-    pub(crate) fn new(next_delivery: u64) -> Self {
+    /// A floor for deliveries from consumer sequence `next_delivery` on, signalling `acks_due` when an ack
+    /// falls due.
+    pub(crate) fn new(next_delivery: u64, acks_due: Arc<Notify>) -> Self {
         Self {
+            acks_due,
             state: Mutex::new(State {
                 through: next_delivery.saturating_sub(1),
                 covered: 0,
+                acked: 0,
                 due: None,
                 ahead: BTreeMap::new(),
                 sending: false,
@@ -77,9 +88,8 @@ impl<M: Clone> AckFloor<M> {
     }
 
     /// Records the delivery of consumer sequence `sequence` and stream sequence `stream_sequence` as settled
-    /// (handled, or dead-lettered). Returns whether the caller is to send the ack now due
-    /// ([`AckFloor::send_due`]): true when the prefix grew past what is acknowledged and no other caller is
-    /// sending.
+    /// (handled, or dead-lettered). Returns whether an ack fell due (the prefix grew past what is
+    /// acknowledged), which is then signalled for [`AckFloor::send_due`].
     pub(crate) fn settle(&self, sequence: u64, stream_sequence: u64, message: M) -> bool {
         let mut state = self.state();
         let state = &mut *state;
@@ -91,13 +101,18 @@ impl<M: Clone> AckFloor<M> {
             state.ahead.insert(sequence, settled);
             return false;
         }
+        let covered = state.covered;
         state.through = sequence;
         state.cover(settled);
         while let Some(next) = state.ahead.remove(&(state.through + 1)) {
             state.through += 1;
             state.cover(next);
         }
-        state.take_turn()
+        let due = state.covered > covered;
+        if due {
+            self.acks_due.notify_one();
+        }
+        due
     }
 
     /// Whether every settled delivery of the prefix is acknowledged (its ack on the client's way to the
@@ -123,10 +138,14 @@ impl<M: Clone> AckFloor<M> {
         self.state().ahead.values().map(|settled| settled.message.clone()).collect()
     }
 
-    /// The turn to send an ack due with no one sending it (its sender failed or was cancelled).
-    fn take_unsent(&self) -> bool {
+    /// The turn to send the due ack, if one is due and no one else is sending.
+    fn take_turn(&self) -> bool {
         let mut state = self.state();
-        state.due.is_some() && state.take_turn()
+        if state.sending || state.due.is_none() {
+            return false;
+        }
+        state.sending = true;
+        true
     }
 }
 
@@ -138,34 +157,16 @@ impl<M> State<M> {
             self.due = Some(settled);
         }
     }
-
-    /// Takes the sending turn if no one has it and an ack is due.
-    fn take_turn(&mut self) -> bool {
-        if self.sending || self.due.is_none() {
-            return false;
-        }
-        self.sending = true;
-        true
-    }
 }
 
 impl AckFloor {
-    /// Sends the due ack, and again while settling goes on meanwhile, until none is due. Called by the one
-    /// caller [`settle`](AckFloor::settle) chose. Dropped half-way, it gives the turn back and the ack waits for
-    /// the next settle or [`send_unsent`](AckFloor::send_unsent).
+    /// Sends the ack due, if one is and no one else is sending it: the fetch loop when signalled, and the
+    /// partition's keeper before it lets the partition go (the fetch loop has stopped by then at close).
     pub(crate) async fn send_due(&self) -> Result<()> {
-        let sending = Sending { floor: self, done: false };
-        // Workers finishing beside this one settle first, so one ack covers their deliveries too.
-        tokio::task::yield_now().await;
-        sending.send_all().await
-    }
-
-    /// Sends an ack left due by a sender that failed or was cancelled, unless another caller is sending.
-    pub(crate) async fn send_unsent(&self) -> Result<()> {
-        if !self.take_unsent() {
+        if !self.take_turn() {
             return Ok(());
         }
-        Sending { floor: self, done: false }.send_all().await
+        Sending { floor: self, taken: None }.send_one().await
     }
 
     /// Reports `messages` in progress (see [`waiting_behind`](Self::waiting_behind)).
@@ -181,47 +182,50 @@ impl AckFloor {
 /// The sending turn of one caller; given back when it ends, however it ends.
 struct Sending<'a, M> {
     floor: &'a AckFloor<M>,
-    /// Ended by finding nothing due, which already gave the turn back.
-    done: bool,
+    /// Stream sequence of the ack taken and not yet known to be sent.
+    taken: Option<u64>,
 }
 
 impl<M> Sending<'_, M> {
-    /// The due ack, or `None` (and the turn given back) when none is.
-    fn next_due(&mut self) -> Option<M> {
-        let mut state = self.floor.state();
-        let due = state.due.take();
-        if due.is_none() {
-            state.sending = false;
-            self.done = true;
+    /// Takes the due ack, if any.
+    fn take(&mut self) -> Option<M> {
+        let settled = self.floor.state().due.take()?;
+        self.taken = Some(settled.stream_sequence);
+        Some(settled.message)
+    }
+
+    /// The ack taken is on its way.
+    fn sent(&mut self) {
+        if let Some(stream_sequence) = self.taken.take() {
+            let mut state = self.floor.state();
+            state.acked = state.acked.max(stream_sequence);
         }
-        due.map(|settled| settled.message)
     }
 }
 
 impl Sending<'_, jetstream::Message> {
-    /// Sends due acks until none is. A failed send is reported once the turn is given back; what it would
-    /// have acknowledged is delivered again.
-    async fn send_all(mut self) -> Result<()> {
-        let mut failure = None;
-        while let Some(message) = self.next_due() {
-            if message.context.client().connection_state() != ConnectionState::Connected {
-                // Queued now, it would be sent on reconnecting, perhaps after another member took over. Left
-                // out, its messages are covered by a later ack, or delivered again.
-                tracing::debug!("not acking settled deliveries while disconnected");
-                continue;
-            }
-            if let Err(error) = message.ack().await {
-                failure.get_or_insert(Error::Broker { message: format!("ack failed: {error}"), source: None });
-            }
+    /// Sends the due ack, if any, then gives the turn back.
+    async fn send_one(mut self) -> Result<()> {
+        let Some(message) = self.take() else { return Ok(()) };
+        if message.context.client().connection_state() != ConnectionState::Connected {
+            // Queued now, it would be sent on reconnecting, perhaps after another member took over. Dropped,
+            // its messages are covered by a later ack, or acked when they are delivered again.
+            tracing::debug!("not acking settled deliveries while disconnected");
+            return Ok(());
         }
-        failure.map_or(Ok(()), Err)
+        message.ack().await.map_err(|e| Error::Broker { message: format!("ack failed: {e}"), source: None })?;
+        self.sent();
+        Ok(())
     }
 }
 
 impl<M> Drop for Sending<'_, M> {
     fn drop(&mut self) {
-        if !self.done {
-            self.floor.state().sending = false;
+        let mut state = self.floor.state();
+        state.sending = false;
+        if self.taken.is_some() {
+            // Not sent: what it covered is acked again once delivered again.
+            state.covered = state.acked;
         }
     }
 }
@@ -230,10 +234,19 @@ impl<M> Drop for Sending<'_, M> {
 mod tests {
     use super::*;
 
-    /// Takes every due ack the way `send_due` does, returning the ones it would send.
-    fn send(floor: &AckFloor<u64>) -> Vec<u64> {
-        let mut sending = Sending { floor, done: false };
-        std::iter::from_fn(|| sending.next_due()).collect()
+    fn floor(next_delivery: u64) -> AckFloor<u64> {
+        AckFloor::new(next_delivery, Arc::new(Notify::new()))
+    }
+
+    /// Takes the due ack the way `send_due` does and reports it sent, returning it.
+    fn send(floor: &AckFloor<u64>) -> Option<u64> {
+        if !floor.take_turn() {
+            return None;
+        }
+        let mut sending = Sending { floor, taken: None };
+        let taken = sending.take();
+        sending.sent();
+        taken
     }
 
     /// Settles consumer sequence `n`, delivered first (stream sequence `n` too); the message is `n`.
@@ -242,64 +255,106 @@ mod tests {
     }
 
     #[test]
-    fn one_ack_covers_the_prefix_settled_while_another_is_sent() {
-        let floor = AckFloor::new(1);
-        assert!(settle(&floor, 1), "the first settle sends");
-        assert!(!settle(&floor, 2), "a settle while sending leaves it to the sender");
-        assert!(!settle(&floor, 3));
+    fn one_ack_covers_the_prefix_settled_before_it_is_sent() {
+        let floor = floor(1);
+        assert!(settle(&floor, 1), "an ack falls due");
+        assert!(settle(&floor, 2));
+        assert!(settle(&floor, 3));
         assert!(!floor.is_acknowledged());
-        assert_eq!(send(&floor), vec![3], "only the end of the prefix is acked");
+        assert_eq!(send(&floor), Some(3), "only the end of the prefix is acked");
         assert!(floor.is_acknowledged());
-        assert!(settle(&floor, 4), "the turn was given back");
+        assert_eq!(send(&floor), None, "nothing more is due");
+    }
+
+    #[test]
+    fn a_settle_signals_the_sender() {
+        let acks_due = Arc::new(Notify::new());
+        let floor = AckFloor::new(1, acks_due.clone());
+        let signalled = acks_due.notified();
+        tokio::pin!(signalled);
+        assert!(futures_util::FutureExt::now_or_never(signalled.as_mut()).is_none());
+        settle(&floor, 1);
+        assert!(futures_util::FutureExt::now_or_never(signalled).is_some(), "the fetch loop is woken");
+    }
+
+    #[test]
+    fn one_sender_at_a_time_and_what_falls_due_meanwhile_is_sent_next() {
+        let floor = floor(1);
+        settle(&floor, 1);
+        assert!(floor.take_turn());
+        assert!(!floor.take_turn(), "one sender at a time");
+        let mut sending = Sending { floor: &floor, taken: None };
+        assert_eq!(sending.take(), Some(1));
+        assert!(settle(&floor, 2), "due while 1 is being sent");
+        sending.sent();
+        drop(sending);
+        assert!(!floor.is_acknowledged());
+        assert_eq!(send(&floor), Some(2));
     }
 
     #[test]
     fn settled_deliveries_past_a_gap_wait_for_it() {
-        let floor = AckFloor::new(10);
+        let floor = floor(10);
         assert!(!settle(&floor, 11));
         assert!(!settle(&floor, 13));
         assert!(floor.is_acknowledged(), "nothing of the prefix is settled yet");
         assert!(settle(&floor, 10));
-        assert_eq!(send(&floor), vec![11], "13 waits behind the unsettled 12");
+        assert_eq!(send(&floor), Some(11), "13 waits behind the unsettled 12");
         assert_eq!(floor.waiting_behind(), vec![13]);
         assert!(settle(&floor, 12));
-        assert_eq!(send(&floor), vec![13]);
+        assert_eq!(send(&floor), Some(13));
         assert!(floor.waiting_behind().is_empty());
         assert!(!settle(&floor, 12), "a sequence already covered is ignored");
     }
 
     #[test]
     fn the_ack_goes_to_the_delivery_reaching_furthest_into_the_stream() {
-        let floor = AckFloor::new(1);
+        let floor = floor(1);
         // Stream message 2 delivered again as delivery 4, after 3: the prefix ends with the older message.
         assert!(floor.settle(1, 1, 1));
         assert!(!floor.settle(3, 3, 3));
         assert!(!floor.settle(4, 2, 4));
-        assert!(!floor.settle(2, 2, 2));
-        assert_eq!(send(&floor), vec![3], "the ack of delivery 4 would leave stream message 3 pending");
-        assert!(!floor.settle(5, 3, 5), "a redelivery of what is covered needs no ack");
+        assert!(floor.settle(2, 2, 2));
+        assert_eq!(send(&floor), Some(3), "the ack of delivery 4 would leave stream message 3 pending");
+        assert!(!floor.settle(5, 3, 5), "a redelivery of what is acked needs no ack");
         assert!(floor.is_acknowledged());
     }
 
     #[test]
-    fn a_sender_dropped_half_way_leaves_the_ack_to_the_next_sender() {
-        let floor = AckFloor::new(1);
-        assert!(settle(&floor, 1));
-        drop(Sending { floor: &floor, done: false });
+    fn an_ack_dropped_unsent_is_made_again_by_the_redeliveries() {
+        let floor = floor(1);
+        settle(&floor, 1);
+        assert_eq!(send(&floor), Some(1));
+        settle(&floor, 2);
+        settle(&floor, 3);
+        assert!(floor.take_turn());
+        let mut sending = Sending { floor: &floor, taken: None };
+        assert_eq!(sending.take(), Some(3));
+        drop(sending);
+        assert!(floor.is_acknowledged(), "nothing is due: the ack was taken");
+        // The server delivers stream messages 2 and 3 again, as deliveries 4 and 5.
+        assert!(floor.settle(4, 2, 4), "stream message 2 is no longer counted as covered");
+        assert!(floor.settle(5, 3, 5));
+        assert_eq!(send(&floor), Some(5));
+    }
+
+    #[test]
+    fn a_sender_dropped_before_taking_leaves_the_ack_due() {
+        let floor = floor(1);
+        settle(&floor, 1);
+        assert!(floor.take_turn());
+        drop(Sending { floor: &floor, taken: None });
         assert!(!floor.is_acknowledged(), "the ack of 1 is still due");
-        assert!(floor.take_unsent(), "the ack left due can be sent by anyone");
-        assert!(!floor.take_unsent(), "but by one at a time");
-        assert_eq!(send(&floor), vec![1]);
-        assert!(!floor.take_unsent(), "nothing left");
+        assert_eq!(send(&floor), Some(1), "and the next sender sends it");
     }
 
     #[test]
     fn an_abandoned_floor_acks_nothing_more() {
-        let floor = AckFloor::new(1);
+        let floor = floor(1);
         assert!(!settle(&floor, 2));
         assert!(settle(&floor, 1));
         floor.abandon();
-        assert!(send(&floor).is_empty(), "the due ack is dropped");
+        assert_eq!(send(&floor), None, "the due ack is dropped");
         assert!(floor.is_acknowledged(), "the partition can be let go");
         assert!(!settle(&floor, 3));
         assert!(floor.waiting_behind().is_empty());

@@ -45,6 +45,8 @@ pub(crate) struct Target {
     pub(crate) ack_wait: Duration,
     pub(crate) claims: mpsc::UnboundedSender<(Arc<Claim>, PartitionStream)>,
     pub(crate) dispatcher: Dispatcher,
+    /// Signalled when an owned partition's ack falls due, for the fetch loop to send it.
+    pub(crate) acks_due: Arc<tokio::sync::Notify>,
 }
 
 /// Keeps one member's presence and leases; one task per subscription.
@@ -249,6 +251,9 @@ impl Keeper {
     /// Takes over again, from its first unacknowledged message, each held partition whose pull stream saw a
     /// delivery lost in transit, once its claim is idle.
     async fn resume_stalled(&mut self) {
+        for lease in self.held.values().filter(|lease| lease.claim.revoked.is_cancelled()) {
+            lease.claim.send_due_ack().await;
+        }
         let stalled: Vec<u16> = self
             .held
             .iter()
@@ -318,10 +323,11 @@ impl Keeper {
         }
     }
 
-    /// Deletes the leases of revoked partitions that are idle: no delivery left unsettled, no pull stream open.
+    /// Deletes the leases of revoked partitions that are idle: no delivery left unsettled or unacknowledged (the
+    /// fetch loop no longer sends a revoked partition's acks: its last one goes from here), no pull stream open.
     async fn release_settled(&mut self) {
         for lease in self.releasing.values() {
-            lease.claim.send_unsent_ack().await;
+            lease.claim.send_due_ack().await;
         }
         let idle: Vec<u16> = self.releasing.iter().filter(|(_, lease)| lease.claim.idle()).map(|(&p, _)| p).collect();
         for partition in idle {
@@ -378,9 +384,9 @@ impl Keeper {
     }
 
     async fn take_over(&self, partition: u16) -> Result<Arc<Claim>> {
-        let Target { provisioner, topic, group, ack_wait, claims, .. } = &self.target;
+        let Target { provisioner, topic, group, ack_wait, claims, acks_due, .. } = &self.target;
         let taken = provisioner.take_over(topic, group, partition, *ack_wait).await?;
-        let claim = Claim::owned(partition, taken);
+        let claim = Claim::owned(partition, taken, acks_due.clone());
         let stream = consume::open(claim.clone()).await?;
         // The fetch loop is gone only when the subscription stops; the claim is then given up with the rest.
         let _ = claims.send((claim.clone(), stream));
