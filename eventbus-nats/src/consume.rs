@@ -17,7 +17,7 @@ use futures_util::stream::{self, BoxStream, FuturesUnordered, SelectAll, StreamE
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, Notify};
 
-use crate::floor::AckFloor;
+use crate::floor::{AckFloor, Placed};
 use crate::provision::TakenOver;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
@@ -107,7 +107,11 @@ impl Claim {
         // Every JetStream delivery carries its sequences in its reply subject; one without them cannot be
         // placed, and is treated as a gap: the partition is read again from its first unacknowledged message.
         let info = message.info().map_err(|_| OutOfSequence)?;
-        let placed = Placed { consumer_sequence: info.consumer_sequence, stream_sequence: info.stream_sequence };
+        let placed = Placed {
+            consumer_sequence: info.consumer_sequence,
+            stream_sequence: info.stream_sequence,
+            redelivered: info.delivered > 1,
+        };
         self.next_delivery.store(placed.consumer_sequence + 1, Ordering::Release);
         if placed.consumer_sequence == expected {
             Ok(Some(placed))
@@ -148,13 +152,6 @@ impl Claim {
             floor.abandon();
         }
     }
-}
-
-/// Where a delivery of an owned partition stands: its consumer and stream sequences.
-#[derive(Clone, Copy)]
-struct Placed {
-    consumer_sequence: u64,
-    stream_sequence: u64,
 }
 
 /// A delivery that does not follow the previous one of its partition, or cannot be placed at all.
@@ -454,7 +451,7 @@ impl Acker for NatsAcker {
         match (&claim.0.floor, placed) {
             // The fetch loop sends the ack; until it has, the claim counts as not idle.
             (Some(floor), Some(placed)) => {
-                floor.settle(placed.consumer_sequence, placed.stream_sequence, message);
+                floor.settle(placed, message);
                 Ok(())
             }
             _ => message.ack().await.map_err(|e| Error::Broker { message: format!("ack failed: {e}"), source: None }),

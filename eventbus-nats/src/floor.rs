@@ -36,9 +36,19 @@ pub(crate) struct AckFloor<M = jetstream::Message> {
     acks_due: Arc<Notify>,
 }
 
+/// Where a delivery of an owned partition stands.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Placed {
+    pub(crate) consumer_sequence: u64,
+    pub(crate) stream_sequence: u64,
+    /// The server delivered this message before.
+    pub(crate) redelivered: bool,
+}
+
 /// A settled delivery.
 struct Settled<M> {
     stream_sequence: u64,
+    redelivered: bool,
     message: M,
 }
 
@@ -87,28 +97,27 @@ impl<M: Clone> AckFloor<M> {
         }
     }
 
-    /// Records the delivery of consumer sequence `sequence` and stream sequence `stream_sequence` as settled
-    /// (handled, or dead-lettered). Returns whether an ack fell due (the prefix grew past what is
-    /// acknowledged), which is then signalled for [`AckFloor::send_due`].
-    pub(crate) fn settle(&self, sequence: u64, stream_sequence: u64, message: M) -> bool {
+    /// Records the delivery `placed` as settled (handled, or dead-lettered). Returns whether an ack fell due
+    /// (the prefix grew past what is acknowledged, or took in a redelivery of what was), which is then
+    /// signalled for [`AckFloor::send_due`].
+    pub(crate) fn settle(&self, placed: Placed, message: M) -> bool {
+        let Placed { consumer_sequence: sequence, stream_sequence, redelivered } = placed;
         let mut state = self.state();
         let state = &mut *state;
         if state.abandoned || sequence <= state.through {
             return false;
         }
-        let settled = Settled { stream_sequence, message };
+        let settled = Settled { stream_sequence, redelivered, message };
         if sequence != state.through + 1 {
             state.ahead.insert(sequence, settled);
             return false;
         }
-        let covered = state.covered;
         state.through = sequence;
-        state.cover(settled);
+        let mut due = state.cover(settled);
         while let Some(next) = state.ahead.remove(&(state.through + 1)) {
             state.through += 1;
-            state.cover(next);
+            due |= state.cover(next);
         }
-        let due = state.covered > covered;
         if due {
             self.acks_due.notify_one();
         }
@@ -150,12 +159,19 @@ impl<M: Clone> AckFloor<M> {
 }
 
 impl<M> State<M> {
-    /// Makes `settled` the due ack if it reaches further into the stream than what is already covered.
-    fn cover(&mut self, settled: Settled<M>) {
+    /// Makes `settled` the due ack if it reaches further into the stream than what is already covered, or if
+    /// it is a redelivery of what is covered reaching further than the ack due: the server delivered it again,
+    /// so it never applied the ack that covered it (lost with a connection), and would go on redelivering it on
+    /// a quiet partition. Returns whether it did.
+    fn cover(&mut self, settled: Settled<M>) -> bool {
+        let reaches_further = |due: &Settled<M>| due.stream_sequence < settled.stream_sequence;
         if settled.stream_sequence > self.covered {
             self.covered = settled.stream_sequence;
-            self.due = Some(settled);
+        } else if !(settled.redelivered && self.due.as_ref().is_none_or(reaches_further)) {
+            return false;
         }
+        self.due = Some(settled);
+        true
     }
 }
 
@@ -251,7 +267,13 @@ mod tests {
 
     /// Settles consumer sequence `n`, delivered first (stream sequence `n` too); the message is `n`.
     fn settle(floor: &AckFloor<u64>, n: u64) -> bool {
-        floor.settle(n, n, n)
+        at(floor, n, n)
+    }
+
+    /// Settles consumer sequence `n` carrying stream sequence `stream` (delivered again when `stream < n`); the
+    /// message is `n`.
+    fn at(floor: &AckFloor<u64>, n: u64, stream: u64) -> bool {
+        floor.settle(Placed { consumer_sequence: n, stream_sequence: stream, redelivered: stream < n }, n)
     }
 
     #[test]
@@ -311,13 +333,28 @@ mod tests {
     fn the_ack_goes_to_the_delivery_reaching_furthest_into_the_stream() {
         let floor = floor(1);
         // Stream message 2 delivered again as delivery 4, after 3: the prefix ends with the older message.
-        assert!(floor.settle(1, 1, 1));
-        assert!(!floor.settle(3, 3, 3));
-        assert!(!floor.settle(4, 2, 4));
-        assert!(floor.settle(2, 2, 2));
+        assert!(at(&floor, 1, 1));
+        assert!(!at(&floor, 3, 3));
+        assert!(!at(&floor, 4, 2));
+        assert!(at(&floor, 2, 2));
         assert_eq!(send(&floor), Some(3), "the ack of delivery 4 would leave stream message 3 pending");
-        assert!(!floor.settle(5, 3, 5), "a redelivery of what is acked needs no ack");
         assert!(floor.is_acknowledged());
+    }
+
+    #[test]
+    fn a_redelivery_of_what_was_acked_is_acked_again() {
+        let floor = floor(1);
+        settle(&floor, 1);
+        settle(&floor, 2);
+        assert_eq!(send(&floor), Some(2));
+        // The ack never reached the server (a connection lost with it): 1 and 2 come again as 3 and 4.
+        assert!(at(&floor, 3, 1), "the server did not apply the ack that covered it");
+        assert!(at(&floor, 4, 2), "the ack due moves to the redelivery reaching furthest");
+        assert!(!at(&floor, 5, 1), "but never back");
+        assert_eq!(send(&floor), Some(4));
+        settle(&floor, 6);
+        assert!(!at(&floor, 7, 2), "a redelivery behind a newer due ack is covered by it");
+        assert_eq!(send(&floor), Some(6));
     }
 
     #[test]
@@ -333,8 +370,8 @@ mod tests {
         drop(sending);
         assert!(floor.is_acknowledged(), "nothing is due: the ack was taken");
         // The server delivers stream messages 2 and 3 again, as deliveries 4 and 5.
-        assert!(floor.settle(4, 2, 4), "stream message 2 is no longer counted as covered");
-        assert!(floor.settle(5, 3, 5));
+        assert!(at(&floor, 4, 2), "stream message 2 is no longer counted as covered");
+        assert!(at(&floor, 5, 3));
         assert_eq!(send(&floor), Some(5));
     }
 
