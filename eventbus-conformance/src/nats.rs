@@ -475,7 +475,76 @@ pub async fn ownership(nats: &Nats) -> anyhow::Result<()> {
     interrupted_take_over(nats).await?;
     queued_kept_alive(nats).await?;
     settled_behind_kept_alive(nats).await?;
+    foreign_ack(nats).await?;
     shared_partitions(nats).await
+}
+
+/// foreign-ack: an ack of another member's reaching the partition's consumer late (sent before that member lost
+/// the partition, delivered after a take-over re-created the consumer) moves the consumer's delivery floor past
+/// the owner's deliveries, so the server ignores the owner's acks and keeps delivering its messages again. The
+/// owner notices acked messages coming back, finds the consumer's floor past its own deliveries, and reads the
+/// partition again through a fresh consumer; the partition ends acknowledged through its last message.
+async fn foreign_ack(nats: &Nats) -> anyhow::Result<()> {
+    let mut config = own_streams(nats, "FOREIGN");
+    config.nats.ack_wait = Duration::from_secs(2);
+    config.nats.partitions = 1;
+    let workload = crate::workload::Workload::new("foreign", 1, 20, 1);
+    let topic = &workload.topics[0];
+    let recorder = Arc::new(crate::recorder::Recorder::default());
+    let bus = NatsBus::connect(config.clone()).await?;
+    let member =
+        crate::workload::record_into(&bus, topic, SubscribeOptions::group("foreign"), recorder.clone()).await?;
+    for version in 1..=10 {
+        bus.publish(topic, workload.event(0, version)).await?.await?;
+    }
+    ensure!(recorder.wait_for(10, DELIVERY_DEADLINE).await, "the first 10 events were not handled");
+    // The late ack: delivery 1,000,000 of the consumer before its re-creation, at the stream's next message.
+    let client = async_nats::connect(nats.url()).await?;
+    let js = jetstream::new(client.clone());
+    let stream_name = naming::stream_name(&config.nats.stream_prefix, topic);
+    let mut stream = js.get_stream(&stream_name).await?;
+    let next = stream.info().await?.state.last_sequence + 1;
+    let consumer_name = naming::durable_name("foreign", 0);
+    client.publish(format!("$JS.ACK.{stream_name}.{consumer_name}.1.{next}.1000000.0.0"), "+ACK".into()).await?;
+    client.flush().await?;
+    for version in 11..=20 {
+        bus.publish(topic, workload.event(0, version)).await?.await?;
+    }
+    let complete = recorder.wait_for(workload.total(), DELIVERY_DEADLINE).await;
+    // Acked through the last message once the member has read the partition again (within a few ack waits).
+    let last = stream.info().await?.state.last_sequence;
+    let mut consumer: jetstream::consumer::PullConsumer =
+        stream.get_consumer(&consumer_name).await.map_err(|e| anyhow::anyhow!("the partition's consumer: {e}"))?;
+    let started = std::time::Instant::now();
+    let mut info = consumer.info().await?.clone();
+    while (info.num_ack_pending > 0 || info.ack_floor.stream_sequence < last) && started.elapsed() < DELIVERY_DEADLINE {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        consumer = stream.get_consumer(&consumer_name).await.map_err(|e| anyhow::anyhow!("the consumer: {e}"))?;
+        info = consumer.info().await?.clone();
+    }
+    let recovered_in = started.elapsed();
+    member.close().await;
+    bus.close().await;
+    let tally = recorder.tally(workload.total());
+    figures(
+        nats,
+        "ownership",
+        "foreign-ack",
+        format_args!(
+            "messages={} [{tally}] acked_through_after={recovered_in:.1?}: unacknowledged={} ack_floor={} last={last}",
+            workload.total(),
+            info.num_ack_pending,
+            info.ack_floor.stream_sequence
+        ),
+    );
+    ensure!(complete && tally.violations == 0, "{tally}");
+    ensure!(
+        info.num_ack_pending == 0 && info.ack_floor.stream_sequence == last,
+        "the owner's acks stayed ignored: {} unacknowledged, ack floor {} of {last}",
+        info.num_ack_pending,
+        info.ack_floor.stream_sequence
+    );
+    Ok(())
 }
 
 /// settled-behind-a-slow-one: an owner acks its partition up to the first delivery not yet handled, so the

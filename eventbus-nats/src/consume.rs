@@ -135,6 +135,26 @@ impl Claim {
         }
     }
 
+    /// When acked messages came again, checks that the server still applies this member's acks: an ack of
+    /// another member's, sent before it lost the partition and arriving after this member re-created the
+    /// consumer, moves the consumer's delivery floor past this member's deliveries, and the server ignores
+    /// their acks from then on. The partition is then read again from the first unacknowledged message through
+    /// a fresh consumer (the gap path: revoked here, taken over again once idle).
+    async fn check_acks_applied(&self, timeout: Duration) {
+        let Some(floor) = self.floor.as_ref().filter(|floor| floor.take_suspicion()) else { return };
+        let mut consumer = self.consumer.clone();
+        let Ok(Ok(info)) = tokio::time::timeout(timeout, consumer.info()).await else { return };
+        if info.ack_floor.consumer_sequence > floor.settled_through() {
+            tracing::warn!(
+                partition = self.partition,
+                acked_through = info.ack_floor.consumer_sequence,
+                delivered_through = floor.settled_through(),
+                "the partition's consumer applied an ack of another member's; re-reading the partition"
+            );
+            self.revoked.cancel();
+        }
+    }
+
     /// Sends the ack due for the settled deliveries, if one is and no one else is sending it.
     pub(crate) async fn send_due_ack(&self) {
         if let Some(floor) = &self.floor {
@@ -363,6 +383,7 @@ async fn send_due_acks(owned: &mut Vec<Arc<Claim>>) {
     owned.retain(|claim| !claim.revoked.is_cancelled());
     for claim in owned.iter() {
         claim.send_due_ack().await;
+        claim.check_acks_applied(claim.progress_interval).await;
     }
 }
 

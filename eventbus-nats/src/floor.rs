@@ -18,7 +18,9 @@
 //! a late ack reaching a consumer that another member re-created under the same name would make the server
 //! ignore that member's own acks. So a floor whose partition was lost sends nothing more
 //! ([`AckFloor::abandon`]), and no ack is queued while the client is disconnected (it would go out on
-//! reconnecting, possibly after a take-over).
+//! reconnecting, possibly after a take-over). A late ack that gets through all the same shows as acked messages
+//! delivered again ([`AckFloor::take_suspicion`]); the owner then checks the consumer and reads the partition
+//! again through a fresh one.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -70,6 +72,10 @@ struct State<M> {
     sending: bool,
     /// The partition passed to another member: nothing more is acked.
     abandoned: bool,
+    /// A message whose ack was sent came again: the server did not apply that ack (lost on the way, or
+    /// ignored because a foreign ack moved the consumer's delivery floor past it; see
+    /// [`AckFloor::take_suspicion`]).
+    suspect: bool,
 }
 
 impl<M> AckFloor<M> {
@@ -93,6 +99,7 @@ impl<M: Clone> AckFloor<M> {
                 ahead: BTreeMap::new(),
                 sending: false,
                 abandoned: false,
+                suspect: false,
             }),
         }
     }
@@ -141,6 +148,19 @@ impl<M: Clone> AckFloor<M> {
         state.ahead.clear();
     }
 
+    /// Whether a message whose ack was sent came again since the last call. Mostly an ack lost with a
+    /// connection, which the redelivery's own ack makes good; but an ack of another member's (a late one, sent
+    /// before it lost the partition) can have moved the consumer's delivery floor past this member's
+    /// deliveries, and the server then ignores every ack of theirs: the caller checks the consumer.
+    pub(crate) fn take_suspicion(&self) -> bool {
+        std::mem::take(&mut self.state().suspect)
+    }
+
+    /// Consumer sequence through which every delivery is settled.
+    pub(crate) fn settled_through(&self) -> u64 {
+        self.state().through
+    }
+
     /// Deliveries settled behind an unsettled one, to report in progress: they stay unacknowledged until the
     /// floor reaches them, and the server would otherwise deliver them again after its ack wait.
     pub(crate) fn waiting_behind(&self) -> Vec<M> {
@@ -164,6 +184,9 @@ impl<M> State<M> {
     /// so it never applied the ack that covered it (lost with a connection), and would go on redelivering it on
     /// a quiet partition. Returns whether it did.
     fn cover(&mut self, settled: Settled<M>) -> bool {
+        if settled.redelivered && settled.stream_sequence <= self.acked {
+            self.suspect = true;
+        }
         let reaches_further = |due: &Settled<M>| due.stream_sequence < settled.stream_sequence;
         if settled.stream_sequence > self.covered {
             self.covered = settled.stream_sequence;
@@ -352,6 +375,8 @@ mod tests {
         assert!(at(&floor, 4, 2), "the ack due moves to the redelivery reaching furthest");
         assert!(!at(&floor, 5, 1), "but never back");
         assert_eq!(send(&floor), Some(4));
+        assert!(floor.take_suspicion(), "acked messages came again");
+        assert!(!floor.take_suspicion(), "reported once");
         settle(&floor, 6);
         assert!(!at(&floor, 7, 2), "a redelivery behind a newer due ack is covered by it");
         assert_eq!(send(&floor), Some(6));
