@@ -502,8 +502,7 @@ async fn foreign_ack(nats: &Nats) -> anyhow::Result<()> {
     let client = async_nats::connect(nats.url()).await?;
     let js = jetstream::new(client.clone());
     let stream_name = naming::stream_name(&config.nats.stream_prefix, topic);
-    let mut stream = js.get_stream(&stream_name).await?;
-    let next = stream.info().await?.state.last_sequence + 1;
+    let next = js.get_stream(&stream_name).await?.info().await?.state.last_sequence + 1;
     let consumer_name = naming::durable_name("foreign", 0);
     client.publish(format!("$JS.ACK.{stream_name}.{consumer_name}.1.{next}.1000000.0.0"), "+ACK".into()).await?;
     client.flush().await?;
@@ -512,16 +511,8 @@ async fn foreign_ack(nats: &Nats) -> anyhow::Result<()> {
     }
     let complete = recorder.wait_for(workload.total(), DELIVERY_DEADLINE).await;
     // Acked through the last message once the member has read the partition again (within a few ack waits).
-    let last = stream.info().await?.state.last_sequence;
-    let mut consumer: jetstream::consumer::PullConsumer =
-        stream.get_consumer(&consumer_name).await.map_err(|e| anyhow::anyhow!("the partition's consumer: {e}"))?;
     let started = std::time::Instant::now();
-    let mut info = consumer.info().await?.clone();
-    while (info.num_ack_pending > 0 || info.ack_floor.stream_sequence < last) && started.elapsed() < DELIVERY_DEADLINE {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        consumer = stream.get_consumer(&consumer_name).await.map_err(|e| anyhow::anyhow!("the consumer: {e}"))?;
-        info = consumer.info().await?.clone();
-    }
+    let acks = PartitionAcks::settled(&js, &stream_name, &consumer_name, DELIVERY_DEADLINE).await?;
     let recovered_in = started.elapsed();
     member.close().await;
     bus.close().await;
@@ -530,21 +521,56 @@ async fn foreign_ack(nats: &Nats) -> anyhow::Result<()> {
         nats,
         "ownership",
         "foreign-ack",
-        format_args!(
-            "messages={} [{tally}] acked_through_after={recovered_in:.1?}: unacknowledged={} ack_floor={} last={last}",
-            workload.total(),
-            info.num_ack_pending,
-            info.ack_floor.stream_sequence
-        ),
+        format_args!("messages={} [{tally}] after={recovered_in:.1?}: {acks}", workload.total()),
     );
     ensure!(complete && tally.violations == 0, "{tally}");
-    ensure!(
-        info.num_ack_pending == 0 && info.ack_floor.stream_sequence == last,
-        "the owner's acks stayed ignored: {} unacknowledged, ack floor {} of {last}",
-        info.num_ack_pending,
-        info.ack_floor.stream_sequence
-    );
+    ensure!(acks.through_last(), "the owner's acks stayed ignored: {acks}");
     Ok(())
+}
+
+/// A partition consumer's acknowledgements, as the server holds them.
+struct PartitionAcks {
+    unacknowledged: usize,
+    ack_floor: u64,
+    /// The stream's last message.
+    last: u64,
+}
+
+impl PartitionAcks {
+    /// The state once the partition's consumer is acknowledged through the stream's last message, or as it is
+    /// after `within`.
+    async fn settled(
+        js: &jetstream::Context,
+        stream_name: &str,
+        consumer_name: &str,
+        within: Duration,
+    ) -> anyhow::Result<Self> {
+        let started = std::time::Instant::now();
+        loop {
+            let mut stream = js.get_stream(stream_name).await?;
+            let last = stream.info().await?.state.last_sequence;
+            let mut consumer: jetstream::consumer::PullConsumer = stream
+                .get_consumer(consumer_name)
+                .await
+                .map_err(|e| anyhow::anyhow!("the partition's consumer: {e}"))?;
+            let info = consumer.info().await?;
+            let acks = Self { unacknowledged: info.num_ack_pending, ack_floor: info.ack_floor.stream_sequence, last };
+            if acks.through_last() || started.elapsed() >= within {
+                return Ok(acks);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn through_last(&self) -> bool {
+        self.unacknowledged == 0 && self.ack_floor == self.last
+    }
+}
+
+impl std::fmt::Display for PartitionAcks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "unacknowledged={} ack_floor={} last={}", self.unacknowledged, self.ack_floor, self.last)
+    }
 }
 
 /// settled-behind-a-slow-one: an owner acks its partition up to the first delivery not yet handled, so the
@@ -571,13 +597,8 @@ async fn settled_behind_kept_alive(nats: &Nats) -> anyhow::Result<()> {
     })
     .await?;
     let js = jetstream::new(async_nats::connect(nats.url()).await?);
-    let mut stream = js.get_stream(naming::stream_name(&config.nats.stream_prefix, topic)).await?;
-    let mut consumer: jetstream::consumer::PullConsumer = stream
-        .get_consumer(&naming::durable_name("behind", 0))
-        .await
-        .map_err(|e| anyhow::anyhow!("the partition's consumer: {e}"))?;
-    let info = consumer.info().await?.clone();
-    let last = stream.info().await?.state.last_sequence;
+    let stream_name = naming::stream_name(&config.nats.stream_prefix, topic);
+    let acks = PartitionAcks::settled(&js, &stream_name, &naming::durable_name("behind", 0), Duration::ZERO).await?;
     member.close().await;
     bus.close().await;
     let tally = recorder.tally(workload.total());
@@ -585,22 +606,12 @@ async fn settled_behind_kept_alive(nats: &Nats) -> anyhow::Result<()> {
         nats,
         "ownership",
         "settled-behind-a-slow-one",
-        format_args!(
-            "messages={} [{tally}] unacknowledged={} ack_floor={} last={last}",
-            workload.total(),
-            info.num_ack_pending,
-            info.ack_floor.stream_sequence
-        ),
+        format_args!("messages={} [{tally}] {acks}", workload.total()),
     );
     ensure!(published.failed == 0, "publishes failed: {:?}", published.errors);
     ensure!(complete && tally.violations == 0, "{tally}");
     ensure!(tally.duplicates == 0, "deliveries handled behind the slow one were delivered again: {tally}");
-    ensure!(
-        info.num_ack_pending == 0 && info.ack_floor.stream_sequence == last,
-        "the partition is not acknowledged through its last message: {} unacknowledged, ack floor {} of {last}",
-        info.num_ack_pending,
-        info.ack_floor.stream_sequence
-    );
+    ensure!(acks.through_last(), "the partition is not acknowledged through its last message: {acks}");
     Ok(())
 }
 
