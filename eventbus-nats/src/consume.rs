@@ -139,11 +139,15 @@ impl Claim {
     /// another member's, sent before it lost the partition and arriving after this member re-created the
     /// consumer, moves the consumer's delivery floor past this member's deliveries, and the server ignores
     /// their acks from then on. The partition is then read again from the first unacknowledged message through
-    /// a fresh consumer (the gap path: revoked here, taken over again once idle).
-    async fn check_acks_applied(&self, timeout: Duration) {
+    /// a fresh consumer (the gap path: revoked here, taken over again once idle; the take-over re-creates a
+    /// consumer whose delivery floor is past its deliveries). Called by the partition's keeper, not the fetch
+    /// loop: the request may take up to `timeout`.
+    pub(crate) async fn check_acks_applied(&self, timeout: Duration) {
         let Some(floor) = self.floor.as_ref().filter(|floor| floor.take_suspicion()) else { return };
-        let mut consumer = self.consumer.clone();
-        let Ok(Ok(info)) = tokio::time::timeout(timeout, consumer.info()).await else { return };
+        let Ok(Ok(info)) = tokio::time::timeout(timeout, self.consumer.get_info()).await else {
+            floor.suspect_again();
+            return;
+        };
         if info.ack_floor.consumer_sequence > floor.settled_through() {
             tracing::warn!(
                 partition = self.partition,
@@ -377,13 +381,12 @@ async fn keep_alive(dispatcher: &Dispatcher, owned: &mut Vec<Arc<Claim>>) {
     }
 }
 
-/// Sends the acks due in the partitions still `owned` (a revoked partition's last ack is sent by its keeper
-/// before it lets the partition go).
+/// Sends the acks due in the partitions still `owned` (a revoked partition's are sent by its keeper, before it
+/// lets the partition go or reads it again).
 async fn send_due_acks(owned: &mut Vec<Arc<Claim>>) {
     owned.retain(|claim| !claim.revoked.is_cancelled());
     for claim in owned.iter() {
         claim.send_due_ack().await;
-        claim.check_acks_applied(claim.progress_interval).await;
     }
 }
 

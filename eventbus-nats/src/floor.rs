@@ -151,9 +151,15 @@ impl<M: Clone> AckFloor<M> {
     /// Whether a message whose ack was sent came again since the last call. Mostly an ack lost with a
     /// connection, which the redelivery's own ack makes good; but an ack of another member's (a late one, sent
     /// before it lost the partition) can have moved the consumer's delivery floor past this member's
-    /// deliveries, and the server then ignores every ack of theirs: the caller checks the consumer.
+    /// deliveries, and the server then ignores every ack of theirs: the caller checks the consumer, and
+    /// [`suspect_again`](Self::suspect_again) when it could not.
     pub(crate) fn take_suspicion(&self) -> bool {
         std::mem::take(&mut self.state().suspect)
+    }
+
+    /// Keeps the suspicion [`take_suspicion`](Self::take_suspicion) took, for a check that did not happen.
+    pub(crate) fn suspect_again(&self) {
+        self.state().suspect = true;
     }
 
     /// Consumer sequence through which every delivery is settled.
@@ -263,8 +269,9 @@ impl<M> Drop for Sending<'_, M> {
         let mut state = self.floor.state();
         state.sending = false;
         if self.taken.is_some() {
-            // Not sent: what it covered is acked again once delivered again.
-            state.covered = state.acked;
+            // Not sent: what it covered is acked again once delivered again; an ack due since stays due.
+            let due = state.due.as_ref().map_or(0, |due| due.stream_sequence);
+            state.covered = state.acked.max(due);
         }
     }
 }
@@ -398,6 +405,19 @@ mod tests {
         assert!(at(&floor, 4, 2), "stream message 2 is no longer counted as covered");
         assert!(at(&floor, 5, 3));
         assert_eq!(send(&floor), Some(5));
+    }
+
+    #[test]
+    fn an_ack_dropped_unsent_leaves_the_newer_ack_due_in_place() {
+        let floor = floor(1);
+        settle(&floor, 1);
+        assert!(floor.take_turn());
+        let mut sending = Sending { floor: &floor, taken: None };
+        assert_eq!(sending.take(), Some(1));
+        settle(&floor, 2);
+        drop(sending);
+        assert!(!at(&floor, 3, 1), "the redelivery of 1 is covered by the ack of 2 still due");
+        assert_eq!(send(&floor), Some(2));
     }
 
     #[test]

@@ -249,10 +249,15 @@ impl Keeper {
     }
 
     /// Takes over again, from its first unacknowledged message, each held partition whose pull stream saw a
-    /// delivery lost in transit, once its claim is idle.
+    /// delivery lost in transit or whose consumer no longer applies this member's acks (checked here when acked
+    /// messages came back), once its claim is idle.
     async fn resume_stalled(&mut self) {
-        for lease in self.held.values().filter(|lease| lease.claim.revoked.is_cancelled()) {
-            lease.claim.send_due_ack().await;
+        let timeout = self.target.provisioner.config().request_timeout;
+        for lease in self.held.values() {
+            lease.claim.check_acks_applied(timeout).await;
+            if lease.claim.revoked.is_cancelled() {
+                lease.claim.send_due_ack().await;
+            }
         }
         let stalled: Vec<u16> = self
             .held
@@ -324,7 +329,7 @@ impl Keeper {
     }
 
     /// Deletes the leases of revoked partitions that are idle: no delivery left unsettled or unacknowledged (the
-    /// fetch loop no longer sends a revoked partition's acks: its last one goes from here), no pull stream open.
+    /// fetch loop no longer sends a revoked partition's acks: they go from here), no pull stream open.
     async fn release_settled(&mut self) {
         for lease in self.releasing.values() {
             lease.claim.send_due_ack().await;

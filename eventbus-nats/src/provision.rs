@@ -179,7 +179,10 @@ impl Provisioner {
         let desired = self.desired_consumer(topic, group, partition, ack_wait);
         self.finish_take_over(&stream, &desired).await?;
         let (consumer, info) = self.consumer(&stream, desired.clone()).await?;
-        if info.num_ack_pending == 0 && info.num_waiting == 0 {
+        // A delivery floor past the deliveries is an ack of a consumer of the same name before it was
+        // re-created: the server would ignore the new owner's acks, so the consumer is re-created.
+        let acks_applied = info.ack_floor.consumer_sequence <= info.delivered.consumer_sequence;
+        if info.num_ack_pending == 0 && info.num_waiting == 0 && acks_applied {
             let next_delivery = info.delivered.consumer_sequence + 1;
             return Ok(TakenOver { consumer, ack_wait: info.config.ack_wait, next_delivery });
         }
