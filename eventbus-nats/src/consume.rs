@@ -131,7 +131,7 @@ impl Claim {
     /// Reports in progress the deliveries settled behind an unsettled one (see [`AckFloor::waiting_behind`]).
     async fn keep_settled_alive(&self) {
         if let Some(floor) = &self.floor {
-            AckFloor::keep_alive(floor.waiting_behind()).await;
+            floor.keep_waiting_alive().await;
         }
     }
 

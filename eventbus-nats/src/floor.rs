@@ -214,9 +214,9 @@ impl AckFloor {
         Sending { floor: self, taken: None }.send_one().await
     }
 
-    /// Reports `messages` in progress (see [`waiting_behind`](Self::waiting_behind)).
-    pub(crate) async fn keep_alive(messages: Vec<jetstream::Message>) {
-        for message in messages {
+    /// Reports in progress the deliveries [`waiting_behind`](Self::waiting_behind) an unsettled one.
+    pub(crate) async fn keep_waiting_alive(&self) {
+        for message in self.waiting_behind() {
             if let Err(error) = message.ack_with(AckKind::Progress).await {
                 tracing::debug!(%error, "in-progress notice for a settled delivery failed");
             }

@@ -14,9 +14,9 @@
 //! partition and the server hands out one message of a partition at a time. `docs/nats.md` has the details.
 //!
 //! Each publish asks JetStream to answer on the bus's ack inbox under the publish's ticket in the window; one
-//! task reads the inbox and settles the publishes, with no future or timer per message. While a message is handled or retried in place, the bus tells the server it is in
-//! progress every third of the consumer's ack wait, so the server never redelivers work that is still going
-//! on. A partition's owner acknowledges in bulk: its consumers use the `AckAll` policy, and one ack covers
+//! task reads the inbox and settles the publishes, with no future or timer per message. While a message is
+//! handled or retried in place, the bus tells the server it is in progress every third of the consumer's ack
+//! wait, so the server never redelivers work that is still going on. A partition's owner acknowledges in bulk: its consumers use the `AckAll` policy, and one ack covers
 //! every delivery of the settled prefix (`floor.rs`). Dead-lettered messages are settled too (terminated with
 //! `Term` where each message is acked on its own), and messages a closing subscription fetched but did not
 //! handle are left to the partition's next owner.
