@@ -151,7 +151,7 @@ impl Baseline {
             fds_left: fds_after as isize - self.fds as isize,
             throughput_ratio: None,
             publish_p99_ratio: None,
-            ordered_throughput_ratio: None,
+            layout_throughput_ratio: None,
         }
     }
 }

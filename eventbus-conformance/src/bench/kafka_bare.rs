@@ -2,8 +2,10 @@
 //! nothing of the bus in between.
 //!
 //! The topics get the partition count the bus gives its topics, and the producer and consumer the bus's
-//! `linger.ms` and `fetch.wait.max.ms`; everything else is librdkafka's default. One consumer (auto-commit, reading
-//! from the earliest offset) takes every topic; the clock starts once it has been assigned all partitions.
+//! `linger.ms` and `fetch.wait.max.ms`; everything else is librdkafka's default. With [`Consumers::One`], one
+//! consumer (auto-commit, reading from the earliest offset) takes every topic, as a plain Kafka application would;
+//! with [`Consumers::PerTopic`], each topic has a consumer of its own in a group of its own, the bus's layout
+//! (one member per subscription). The clock starts once every partition is assigned.
 //! Publishers send with the same headers as the bus, keyed by aggregate, and hand each delivery future to one
 //! collector task (`bench/acks.rs`); at most the bus's publish window of them are in flight.
 
@@ -30,12 +32,39 @@ use crate::probe::Sampler;
 /// Longest the consumer may take to be assigned every partition.
 const ASSIGNMENT_DEADLINE: Duration = Duration::from_secs(60);
 
-/// Runs `level` on the broker at `bootstrap` (`host:port`) through the bare client.
-pub async fn run(bootstrap: &str, level: Level, payload: usize, config: &BusConfig) -> anyhow::Result<Measurement> {
+/// How the bare run lays out its consumers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Consumers {
+    /// One consumer subscribed to every topic.
+    One,
+    /// One consumer per topic, each in a group of its own, as the bus's subscriptions.
+    PerTopic,
+}
+
+impl Consumers {
+    /// The report's name for a run with this layout.
+    pub fn client(self) -> Client {
+        match self {
+            Consumers::One => Client::Bare,
+            Consumers::PerTopic => Client::BarePerTopic,
+        }
+    }
+}
+
+/// Runs `level` on the broker at `bootstrap` (`host:port`) through the bare client, its consumers laid out as
+/// `consumers` says.
+pub async fn run(
+    bootstrap: &str,
+    level: Level,
+    payload: usize,
+    config: &BusConfig,
+    consumers: Consumers,
+) -> anyhow::Result<Measurement> {
     let partitions = config.kafka.topic.partitions;
     let window = config.publish.window;
     let baseline = Baseline::take();
-    let workload = workload(Client::Bare, level, payload);
+    let client = consumers.client();
+    let workload = workload(client, level, payload);
     let mut base = ClientConfig::new();
     base.set("bootstrap.servers", bootstrap);
     let admin: AdminClient<DefaultClientContext> = base.create()?;
@@ -67,25 +96,31 @@ pub async fn run(bootstrap: &str, level: Level, payload: usize, config: &BusConf
         .send(FutureRecord::<str, [u8]>::to(&warm_up_topic).payload(b"warm-up"), Duration::from_secs(10))
         .await
         .map_err(|(error, _)| anyhow::anyhow!("the bare producer's warm-up record failed: {error}"))?;
-    let consumer: Arc<StreamConsumer> = Arc::new(
-        base.clone()
-            .set("group.id", format!("{}-bare", workload.topics[0]))
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", config.kafka.fetch_wait.as_millis().to_string())
-            .set("enable.partition.eof", "false")
-            .create()?,
-    );
     let topics: Vec<&str> = workload.topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topics)?;
+    let subscriptions: Vec<(String, Vec<&str>)> = match consumers {
+        Consumers::One => vec![(format!("{}-bare", workload.topics[0]), topics.clone())],
+        Consumers::PerTopic => topics.iter().map(|topic| (format!("{topic}-bare"), vec![*topic])).collect(),
+    };
     let tally = Arc::new(DeliveryTally::new(level.aggregates, level.versions()));
     let stop = CancellationToken::new();
-    let consuming = {
-        let (consumer, tally, stop) = (consumer.clone(), tally.clone(), stop.clone());
-        tokio::spawn(async move {
+    let mut consumers = Vec::new();
+    let mut consuming = Vec::new();
+    for (group, topics) in &subscriptions {
+        let consumer: Arc<StreamConsumer> = Arc::new(
+            base.clone()
+                .set("group.id", group)
+                .set("auto.offset.reset", "earliest")
+                .set("fetch.wait.max.ms", config.kafka.fetch_wait.as_millis().to_string())
+                .set("enable.partition.eof", "false")
+                .create()?,
+        );
+        consumer.subscribe(topics)?;
+        let (reader, tally, stop) = (consumer.clone(), tally.clone(), stop.clone());
+        consuming.push(tokio::spawn(async move {
             loop {
                 let message = tokio::select! {
                     _ = stop.cancelled() => return,
-                    message = consumer.recv() => message,
+                    message = reader.recv() => message,
                 };
                 let Ok(message) = message else { continue };
                 let headers =
@@ -93,9 +128,12 @@ pub async fn run(bootstrap: &str, level: Level, payload: usize, config: &BusConf
                 let payload = bytes::Bytes::copy_from_slice(message.payload().unwrap_or_default());
                 tally.record_decoded(wire::decode(headers, payload));
             }
-        })
-    };
-    wait_for_assignment(&consumer, topics.len() * partitions as usize).await?;
+        }));
+        consumers.push((consumer, topics.len() * partitions as usize));
+    }
+    for (consumer, partitions) in &consumers {
+        wait_for_assignment(consumer, *partitions).await?;
+    }
 
     let sampler = Sampler::start();
     let timings = Arc::new(PublishTimings::new());
@@ -150,12 +188,14 @@ pub async fn run(bootstrap: &str, level: Level, payload: usize, config: &BusConf
     tally.wait_complete(DRAIN_DEADLINE).await;
     let elapsed = clock.stop();
     stop.cancel();
-    let _ = consuming.await;
+    for task in consuming {
+        let _ = task.await;
+    }
     // The topics stay, as the bus run's do: deleting them while the clients still cache their metadata
     // crashed librdkafka 2.12.1 (a segfault in rd_kafka_metadata_cache_find, seen against tansu).
     // Dropping rdkafka clients blocks while their threads stop: off the runtime.
-    let _ = tokio::task::spawn_blocking(move || drop((consumer, producer, admin))).await;
-    Ok(baseline.measure("kafka", Client::Bare, level, elapsed, sampler, &timings, &tally).await)
+    let _ = tokio::task::spawn_blocking(move || drop((consumers, producer, admin))).await;
+    Ok(baseline.measure("kafka", client, level, elapsed, sampler, &timings, &tally).await)
 }
 
 async fn wait_for_assignment(consumer: &StreamConsumer, partitions: usize) -> anyhow::Result<()> {

@@ -18,14 +18,15 @@ const FONT_PATHS: [&str; 3] = [
 /// Environment variable naming a TrueType font for the plot's text.
 pub const FONT_VARIABLE: &str = "EVENTBUS_PLOT_FONT";
 
-/// One hue per backend: the bus in its full shade, the bare client in its light one; grey for the bare client
-/// with the bus's consumer layout.
+/// One hue per backend: the bus in its full shade, the bare client in its light one; greys for the bare
+/// clients with the bus's consumer layout.
 fn colour(backend: &str, client: Client) -> RGBColor {
     match (backend, client) {
         ("memory", _) => RGBColor(31, 119, 180),
         ("nats", Client::Bus) => RGBColor(44, 160, 44),
         ("nats", Client::Bare) => RGBColor(152, 223, 138),
         (_, Client::BareOrdered) => RGBColor(127, 127, 127),
+        (_, Client::BarePerTopic) => RGBColor(189, 189, 189),
         (_, Client::Bus) => RGBColor(214, 39, 40),
         (_, Client::Bare) => RGBColor(255, 152, 150),
     }

@@ -16,6 +16,17 @@ pub enum Client {
     /// unacked message): what the broker does under the constraint the bus's ordering puts on it.
     #[serde(rename = "bare-ordered")]
     BareOrdered,
+    /// The broker's own client with the bus's consumer layout on Kafka: one consumer per topic, each in a group
+    /// of its own, as the bus's subscriptions are: what the broker does when as many members fetch.
+    #[serde(rename = "bare-per-topic")]
+    BarePerTopic,
+}
+
+impl Client {
+    /// Whether this is a bare client laid out as the bus: the reference that leaves out only the bus's own cost.
+    pub fn has_bus_layout(self) -> bool {
+        matches!(self, Client::BareOrdered | Client::BarePerTopic)
+    }
 }
 
 impl std::fmt::Display for Client {
@@ -24,6 +35,7 @@ impl std::fmt::Display for Client {
             Client::Bus => "bus",
             Client::Bare => "bare",
             Client::BareOrdered => "bare-ordered",
+            Client::BarePerTopic => "bare-per-topic",
         })
     }
 }
@@ -76,10 +88,10 @@ pub struct Measurement {
     pub throughput_ratio: Option<f64>,
     /// Bus publish p99 ÷ bare publish p99 at the same level, on bus rows when `--raw` ran.
     pub publish_p99_ratio: Option<f64>,
-    /// Bus throughput ÷ the throughput of the bare client with the bus's consumer layout, on bus rows when
-    /// that ran.
-    #[serde(default)]
-    pub ordered_throughput_ratio: Option<f64>,
+    /// Bus throughput ÷ the throughput of the bare client with the bus's consumer layout (`bare-ordered` on
+    /// NATS, `bare-per-topic` on Kafka), on bus rows when that ran.
+    #[serde(default, alias = "ordered_throughput_ratio")]
+    pub layout_throughput_ratio: Option<f64>,
 }
 
 /// [`Counts`], serializable.
@@ -133,8 +145,8 @@ impl Measurement {
 
     /// Sets the ratios of this (bus) run to `bare`.
     pub fn compare_to(&mut self, bare: &Measurement) {
-        if bare.client == Client::BareOrdered {
-            self.ordered_throughput_ratio = (bare.throughput > 0.0).then(|| self.throughput / bare.throughput);
+        if bare.client.has_bus_layout() {
+            self.layout_throughput_ratio = (bare.throughput > 0.0).then(|| self.throughput / bare.throughput);
             return;
         }
         if bare.throughput > 0.0 {
@@ -147,7 +159,7 @@ impl Measurement {
 
     /// The table's header lines.
     pub fn table_header() -> &'static str {
-        "| backend | client | level | messages | msg/s | bus÷bare msg/s (÷bare-ordered) | publish p50/p99/max µs | bus÷bare publish p99 \
+        "| backend | client | level | messages | msg/s | bus÷bare msg/s (÷bare in the bus's layout) | publish p50/p99/max µs | bus÷bare publish p99 \
          | ack p50/p99 ms | e2e p50/p99 ms | peak tasks (publishers + other) | RSS Δ MB | violations/losses/duplicates \
          | CPU ms per 1k events | tasks/fds left |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     }
@@ -155,8 +167,8 @@ impl Measurement {
     /// This run as a table row.
     pub fn table_row(&self) -> String {
         let ratio = |r: Option<f64>| r.map_or("—".to_owned(), |r| format!("{r:.2}"));
-        let throughput_ratio = match self.ordered_throughput_ratio {
-            Some(ordered) => format!("{} ({ordered:.2})", ratio(self.throughput_ratio)),
+        let throughput_ratio = match self.layout_throughput_ratio {
+            Some(layout) => format!("{} ({layout:.2})", ratio(self.throughput_ratio)),
             None => ratio(self.throughput_ratio),
         };
         let ms = |us: u64| us as f64 / 1000.0;

@@ -1,7 +1,8 @@
 //! `eventbus-bench`: the seed's workload levels, measured end to end through the bus and, with `--raw`,
-//! through the bare broker client on the same broker in the same invocation (for NATS twice: with one consumer
-//! per topic, the broker's own pace, and as `bare-ordered` with the bus's consumer per partition allowed
-//! `nats.max_ack_pending` unacked messages, the broker's pace under the bus's ordering).
+//! through the bare broker client on the same broker in the same invocation, twice: as a plain application would
+//! use it, and laid out as the bus lays out its consumers, the broker's pace under that layout (NATS
+//! `bare-ordered`: a consumer per partition allowed `nats.max_ack_pending` unacked messages; Kafka
+//! `bare-per-topic`: a consumer per topic, each in a group of its own, as the bus's subscriptions).
 //!
 //! ```text
 //! eventbus-bench --backend memory --level all
@@ -27,6 +28,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use eventbus::BusConfig;
+use eventbus_conformance::bench::kafka_bare::Consumers;
 use eventbus_conformance::bench::nats_bare::Layout;
 use eventbus_conformance::bench::report::Measurement;
 use eventbus_conformance::bench::rounds::{self, RoundsSummary};
@@ -299,8 +301,8 @@ async fn bare_runs(
 ) -> anyhow::Result<Vec<Measurement>> {
     let window = config.publish.window;
     Ok(match backend {
-        // Kafka's bare consumer already reads the same partitions the bus does; NATS also runs with the bus's
-        // consumer layout, to show the broker's pace under the bus's ordering.
+        // Each backend's bare client also runs with the bus's consumer layout, to show the broker's pace under
+        // it: NATS with the bus's consumer per partition, Kafka with its member per subscription.
         "nats" => vec![
             nats_bare::run(url, level, payload, window, Layout::PerTopic).await?,
             nats_bare::run(
@@ -315,7 +317,13 @@ async fn bare_runs(
             )
             .await?,
         ],
-        "kafka" => vec![kafka_bare::run(url.trim_start_matches("kafka://"), level, payload, config).await?],
+        "kafka" => {
+            let bootstrap = url.trim_start_matches("kafka://");
+            vec![
+                kafka_bare::run(bootstrap, level, payload, config, Consumers::One).await?,
+                kafka_bare::run(bootstrap, level, payload, config, Consumers::PerTopic).await?,
+            ]
+        }
         _ => Vec::new(),
     })
 }
