@@ -103,7 +103,8 @@ pub async fn run(
     };
     let tally = Arc::new(DeliveryTally::new(level.aggregates, level.versions()));
     let stop = CancellationToken::new();
-    let mut consumers = Vec::new();
+    // Each consumer with the number of partitions it must be assigned before the clock starts.
+    let mut members = Vec::new();
     let mut consuming = Vec::new();
     for (group, topics) in &subscriptions {
         let consumer: Arc<StreamConsumer> = Arc::new(
@@ -129,9 +130,9 @@ pub async fn run(
                 tally.record_decoded(wire::decode(headers, payload));
             }
         }));
-        consumers.push((consumer, topics.len() * partitions as usize));
+        members.push((consumer, topics.len() * partitions as usize));
     }
-    for (consumer, partitions) in &consumers {
+    for (consumer, partitions) in &members {
         wait_for_assignment(consumer, *partitions).await?;
     }
 
@@ -194,7 +195,7 @@ pub async fn run(
     // The topics stay, as the bus run's do: deleting them while the clients still cache their metadata
     // crashed librdkafka 2.12.1 (a segfault in rd_kafka_metadata_cache_find, seen against tansu).
     // Dropping rdkafka clients blocks while their threads stop: off the runtime.
-    let _ = tokio::task::spawn_blocking(move || drop((consumers, producer, admin))).await;
+    let _ = tokio::task::spawn_blocking(move || drop((members, producer, admin))).await;
     Ok(baseline.measure("kafka", client, level, elapsed, sampler, &timings, &tally).await)
 }
 
