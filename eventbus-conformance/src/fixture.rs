@@ -91,6 +91,20 @@ impl Broker {
         Ok(Self { container: Some(container), id, pauses: Default::default(), image: spec.image.clone(), host_port })
     }
 
+    /// The host process id of the container's main process, where this host runs the container (a remote
+    /// Docker daemon's processes are not this host's): checked against the process's cgroup.
+    pub async fn process_id(&self) -> Option<u32> {
+        let output = tokio::process::Command::new("docker")
+            .args(["inspect", "--format", "{{.State.Pid}}", &self.id])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .ok()?;
+        let pid: u32 = String::from_utf8_lossy(&output.stdout).trim().parse().ok()?;
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        (pid != 0 && cgroup.contains(&self.id)).then_some(pid)
+    }
+
     /// Freezes the broker's processes: connections stay open, nothing is answered (a network outage).
     /// Pauses nest: the broker runs again after as many [`unpause`](Self::unpause) calls.
     pub async fn pause(&self) -> anyhow::Result<()> {

@@ -59,6 +59,11 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.broker.host_port)
     }
 
+    /// The host process id of the broker, where this host runs its container.
+    pub async fn process_id(&self) -> Option<u32> {
+        self.broker.process_id().await
+    }
+
     /// Stops the broker's container.
     pub async fn stop(self) {
         if let Ok(broker) = Arc::try_unwrap(self.broker) {

@@ -1,7 +1,7 @@
 //! Measures what a bus holds on to: alive tokio tasks, open file descriptors, OS threads and resident memory;
 //! and the CPU time it uses.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -154,18 +154,38 @@ impl Drop for Sampler {
 }
 
 /// CPU time this process has used so far (user and system, every thread), in milliseconds; 0 where /proc is
-/// unavailable. /proc counts it in USER_HZ ticks, which Linux fixes at 100 per second.
+/// unavailable.
 pub fn process_cpu_ms() -> u64 {
-    std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|stat| {
-            // The command name (field 2) may hold spaces; the fields after its closing parenthesis do not.
-            let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
-            // utime and stime are fields 14 and 15 of the line: 12th and 13th after the name.
-            let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-            Some(ticks * 10)
-        })
-        .unwrap_or(0)
+    cpu_ms_of("self").unwrap_or(0)
+}
+
+/// CPU time process `pid` (`"self"` for this one) has used so far (user and system, every thread), in
+/// milliseconds; `None` where its /proc entry cannot be read. /proc counts it in USER_HZ ticks, which Linux fixes
+/// at 100 per second.
+fn cpu_ms_of(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after its closing parenthesis do not.
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the line: 12th and 13th after the name.
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks * 10)
+}
+
+/// The host process id of the broker whose CPU time runs are measured against; 0 for none.
+static BROKER_PROCESS: AtomicU32 = AtomicU32::new(0);
+
+/// Measures the CPU time of process `pid` (a broker container's main process, as seen from this host) beside
+/// this process's, from now on; `None` stops measuring it.
+pub fn watch_broker_process(pid: Option<u32>) {
+    BROKER_PROCESS.store(pid.unwrap_or(0), Ordering::Relaxed);
+}
+
+/// CPU time the watched broker process has used so far, in milliseconds; `None` without one.
+pub fn broker_cpu_ms() -> Option<u64> {
+    match BROKER_PROCESS.load(Ordering::Relaxed) {
+        0 => None,
+        pid => cpu_ms_of(&pid.to_string()),
+    }
 }
 
 /// This process's resident set size in KiB (`VmRSS`), 0 where /proc is unavailable.

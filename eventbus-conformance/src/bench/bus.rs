@@ -13,7 +13,7 @@ use super::acks;
 use super::report::{Client, Measurement};
 use super::tally::{DeliveryTally, LatencyHistogram, Percentiles};
 use super::{Level, DRAIN_DEADLINE, TOPICS};
-use crate::probe::{process_cpu_ms, resources, rss_kib, tasks_settled, Sampler};
+use crate::probe::{broker_cpu_ms, process_cpu_ms, resources, rss_kib, tasks_settled, Sampler};
 use crate::workload::Workload;
 
 /// Enqueue and ack latencies and failures of every publisher task.
@@ -75,28 +75,34 @@ impl StartGate {
     /// and everything the client runs.
     pub(crate) fn open(self, sampler: &Sampler) -> Clock {
         sampler.sample_now();
-        let clock = Clock { started: Instant::now(), cpu_ms: process_cpu_ms() };
+        let clock = Clock { started: Instant::now(), cpu_ms: process_cpu_ms(), broker_cpu_ms: broker_cpu_ms() };
         self.open.send_replace(true);
         clock
     }
 }
 
-/// A run's clock, started at the first publish: wall time and this process's CPU time.
+/// A run's clock, started at the first publish: wall time, this process's CPU time and the broker's.
 pub(crate) struct Clock {
     started: Instant,
     cpu_ms: u64,
+    broker_cpu_ms: Option<u64>,
 }
 
 /// What a run's clock read when the last event was consumed.
 pub(crate) struct Elapsed {
     wall: std::time::Duration,
     cpu_ms: u64,
+    broker_cpu_ms: Option<u64>,
 }
 
 impl Clock {
-    /// Reads the clock: wall time and process CPU time since it started.
+    /// Reads the clock: wall time, process CPU time and broker CPU time since it started.
     pub(crate) fn stop(&self) -> Elapsed {
-        Elapsed { wall: self.started.elapsed(), cpu_ms: process_cpu_ms().saturating_sub(self.cpu_ms) }
+        let broker_cpu_ms = match (self.broker_cpu_ms, broker_cpu_ms()) {
+            (Some(start), Some(now)) => Some(now.saturating_sub(start)),
+            _ => None,
+        };
+        Elapsed { wall: self.started.elapsed(), cpu_ms: process_cpu_ms().saturating_sub(self.cpu_ms), broker_cpu_ms }
     }
 }
 
@@ -137,6 +143,7 @@ impl Baseline {
             messages: level.messages,
             elapsed_ms: elapsed.wall.as_secs_f64() * 1000.0,
             cpu_ms: elapsed.cpu_ms,
+            broker_cpu_ms: elapsed.broker_cpu_ms,
             throughput: counts.distinct as f64 / elapsed.wall.as_secs_f64(),
             publish_us: timings.enqueue(),
             ack_us: timings.ack(),

@@ -2,9 +2,9 @@
 //! nothing of the bus in between.
 //!
 //! The topics get the partition count the bus gives its topics, and the producer and consumer the bus's
-//! `linger.ms` and `fetch.wait.max.ms`; everything else is librdkafka's default. With [`Consumers::One`], one
+//! `linger.ms` and `fetch.wait.max.ms`; everything else is librdkafka's default. With [`Consumers::Shared`], one
 //! consumer (auto-commit, reading from the earliest offset) takes every topic, as a plain Kafka application would;
-//! with [`Consumers::PerTopic`], each topic has a consumer of its own in a group of its own, the bus's layout
+//! with [`Consumers::PerSubscription`], each topic has a consumer of its own in a group of its own, the bus's layout
 //! (one member per subscription). The clock starts once every partition is assigned.
 //! Publishers send with the same headers as the bus, keyed by aggregate, and hand each delivery future to one
 //! collector task (`bench/acks.rs`); at most the bus's publish window of them are in flight.
@@ -29,24 +29,24 @@ use super::tally::DeliveryTally;
 use super::{Level, DRAIN_DEADLINE};
 use crate::probe::Sampler;
 
-/// Longest the consumer may take to be assigned every partition.
+/// Longest the consumers may take to be assigned every partition.
 const ASSIGNMENT_DEADLINE: Duration = Duration::from_secs(60);
 
 /// How the bare run lays out its consumers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Consumers {
     /// One consumer subscribed to every topic.
-    One,
-    /// One consumer per topic, each in a group of its own, as the bus's subscriptions.
-    PerTopic,
+    Shared,
+    /// One consumer per topic, each in a group of its own: the bus's layout, a member per subscription.
+    PerSubscription,
 }
 
 impl Consumers {
     /// The report's name for a run with this layout.
     pub fn client(self) -> Client {
         match self {
-            Consumers::One => Client::Bare,
-            Consumers::PerTopic => Client::BarePerTopic,
+            Consumers::Shared => Client::Bare,
+            Consumers::PerSubscription => Client::BarePerTopic,
         }
     }
 }
@@ -98,12 +98,14 @@ pub async fn run(
         .map_err(|(error, _)| anyhow::anyhow!("the bare producer's warm-up record failed: {error}"))?;
     let topics: Vec<&str> = workload.topics.iter().map(String::as_str).collect();
     let subscriptions: Vec<(String, Vec<&str>)> = match consumers {
-        Consumers::One => vec![(format!("{}-bare", workload.topics[0]), topics.clone())],
-        Consumers::PerTopic => topics.iter().map(|topic| (format!("{topic}-bare"), vec![*topic])).collect(),
+        Consumers::Shared => vec![(format!("{}-bare", workload.topics[0]), topics.clone())],
+        Consumers::PerSubscription => topics.iter().map(|topic| (format!("{topic}-bare"), vec![*topic])).collect(),
     };
     let tally = Arc::new(DeliveryTally::new(level.aggregates, level.versions()));
     let stop = CancellationToken::new();
-    // Each consumer with the number of partitions it must be assigned before the clock starts.
+    // Consumer tasks already started stop with the run, whichever way it ends.
+    let _stopped_on_return = stop.clone().drop_guard();
+    // Each consumer with its group and the number of partitions it must be assigned before the clock starts.
     let mut members = Vec::new();
     let mut consuming = Vec::new();
     for (group, topics) in &subscriptions {
@@ -130,10 +132,11 @@ pub async fn run(
                 tally.record_decoded(wire::decode(headers, payload));
             }
         }));
-        members.push((consumer, topics.len() * partitions as usize));
+        members.push((consumer, group, topics.len() * partitions as usize));
     }
-    for (consumer, partitions) in &members {
-        wait_for_assignment(consumer, *partitions).await?;
+    let deadline = Instant::now() + ASSIGNMENT_DEADLINE;
+    for (consumer, group, partitions) in &members {
+        wait_for_assignment(consumer, group, *partitions, deadline).await?;
     }
 
     let sampler = Sampler::start();
@@ -195,18 +198,26 @@ pub async fn run(
     // The topics stay, as the bus run's do: deleting them while the clients still cache their metadata
     // crashed librdkafka 2.12.1 (a segfault in rd_kafka_metadata_cache_find, seen against tansu).
     // Dropping rdkafka clients blocks while their threads stop: off the runtime.
-    let _ = tokio::task::spawn_blocking(move || drop((members, producer, admin))).await;
+    let consumers: Vec<Arc<StreamConsumer>> = members.into_iter().map(|(consumer, _, _)| consumer).collect();
+    let _ = tokio::task::spawn_blocking(move || drop((consumers, producer, admin))).await;
     Ok(baseline.measure("kafka", client, level, elapsed, sampler, &timings, &tally).await)
 }
 
-async fn wait_for_assignment(consumer: &StreamConsumer, partitions: usize) -> anyhow::Result<()> {
-    let deadline = Instant::now() + ASSIGNMENT_DEADLINE;
+async fn wait_for_assignment(
+    consumer: &StreamConsumer,
+    group: &str,
+    partitions: usize,
+    deadline: Instant,
+) -> anyhow::Result<()> {
     loop {
         if consumer.assignment()?.count() >= partitions {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            anyhow::bail!("the bare consumer was not assigned {partitions} partitions within {ASSIGNMENT_DEADLINE:?}");
+            anyhow::bail!(
+                "the bare consumer of group {group} was not assigned {partitions} partitions within \
+                 {ASSIGNMENT_DEADLINE:?}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -60,6 +60,10 @@ pub struct Measurement {
     /// client's cost per event, apart from the broker's, when divided by `messages`.
     #[serde(default)]
     pub cpu_ms: u64,
+    /// CPU time of the broker's process over `elapsed_ms`, milliseconds, where the bench started the broker's
+    /// container on this host: the broker's cost per event, beside the client's.
+    #[serde(default)]
+    pub broker_cpu_ms: Option<u64>,
     /// Distinct events consumed per second over `elapsed_ms`.
     pub throughput: f64,
     /// Time for `publish` to accept an event (enqueue), µs.
@@ -161,7 +165,7 @@ impl Measurement {
     pub fn table_header() -> &'static str {
         "| backend | client | level | messages | msg/s | bus÷bare msg/s (÷bare in the bus's layout) | publish p50/p99/max µs | bus÷bare publish p99 \
          | ack p50/p99 ms | e2e p50/p99 ms | peak tasks (publishers + other) | RSS Δ MB | violations/losses/duplicates \
-         | CPU ms per 1k events | tasks/fds left |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+         | CPU ms per 1k events (broker) | tasks/fds left |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     }
 
     /// This run as a table row.
@@ -172,8 +176,9 @@ impl Measurement {
             None => ratio(self.throughput_ratio),
         };
         let ms = |us: u64| us as f64 / 1000.0;
+        let per_thousand = |cpu_ms: u64| cpu_ms as f64 * 1000.0 / self.messages.max(1) as f64;
         format!(
-            "| {} | {} | {} | {} | {:.0} | {} | {}/{}/{} | {} | {:.2}/{:.2} | {:.2}/{:.2} | {} ({} + {}) | {:.1} | {}/{}/{} | {:.0} | {}/{} |",
+            "| {} | {} | {} | {} | {:.0} | {} | {}/{}/{} | {} | {:.2}/{:.2} | {:.2}/{:.2} | {} ({} + {}) | {:.1} | {}/{}/{} | {:.0}{} | {}/{} |",
             self.backend,
             self.client,
             self.level,
@@ -195,7 +200,8 @@ impl Measurement {
             self.counts.violations,
             self.counts.losses,
             self.counts.duplicates,
-            self.cpu_ms as f64 * 1000.0 / self.messages.max(1) as f64,
+            per_thousand(self.cpu_ms),
+            self.broker_cpu_ms.map_or(String::new(), |ms| format!(" ({:.0})", per_thousand(ms))),
             self.tasks_left,
             self.fds_left,
         )

@@ -189,6 +189,15 @@ impl Broker {
         })
     }
 
+    /// The broker's process on this host, where the bench started its container here.
+    async fn process_id(&self) -> Option<u32> {
+        match self {
+            Broker::Nats(nats) => nats.process_id().await,
+            Broker::Kafka(kafka) => kafka.process_id().await,
+            Broker::None | Broker::Given(_) => None,
+        }
+    }
+
     fn url(&self) -> String {
         match self {
             Broker::None => "memory://".to_owned(),
@@ -223,6 +232,7 @@ async fn run(options: &Options) -> anyhow::Result<bool> {
         }
         let broker = Broker::for_backend(backend, options.url.as_ref()).await?;
         let url = broker.url();
+        eventbus_conformance::probe::watch_broker_process(broker.process_id().await);
         let outcome = run_backend(options, backend, &url, &mut measured, &mut json).await;
         broker.stop().await;
         clean &= outcome?;
@@ -320,8 +330,8 @@ async fn bare_runs(
         "kafka" => {
             let bootstrap = url.trim_start_matches("kafka://");
             vec![
-                kafka_bare::run(bootstrap, level, payload, config, Consumers::One).await?,
-                kafka_bare::run(bootstrap, level, payload, config, Consumers::PerTopic).await?,
+                kafka_bare::run(bootstrap, level, payload, config, Consumers::Shared).await?,
+                kafka_bare::run(bootstrap, level, payload, config, Consumers::PerSubscription).await?,
             ]
         }
         _ => Vec::new(),
