@@ -47,8 +47,8 @@ pub struct KafkaConfig {
     pub session_timeout: Duration,
     /// Longest the broker holds a consumer's fetch open waiting for new records (`fetch.wait.max.ms`;
     /// librdkafka's own default is 500 ms). Apache Kafka answers as soon as a record arrives, so there it only
-    /// sets how often an idle member asks; tansu 0.6 holds every fetch this long, records or not, which makes
-    /// it the floor of end-to-end latency there.
+    /// sets how often an idle member asks; tansu 0.6 holds every fetch this long (half of it from 250 ms up),
+    /// records or not, which makes it the floor of end-to-end latency there.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub fetch_wait: Duration,
