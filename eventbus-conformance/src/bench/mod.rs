@@ -6,7 +6,9 @@
 //! no fixed sleeps. One publisher task per aggregate sends its versions in order and hands each ack (a
 //! receipt, or the bare client's ack future) to one collector task (`acks.rs`), which takes its latency when it
 //! completes; at most the publish window's worth are in flight in every run. Every delivery goes through a
-//! [`tally::DeliveryTally`], which finds order violations, losses and duplicates.
+//! [`tally::DeliveryTally`], which finds order violations, losses and duplicates. Over the same clock the
+//! run reads this process's CPU time and, when the bench started the broker's container on this host, the
+//! broker's ([`crate::probe::watch_broker_process`]): on a machine the two share, the rate follows their sum.
 
 mod acks;
 pub mod bus;
