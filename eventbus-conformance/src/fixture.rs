@@ -94,13 +94,7 @@ impl Broker {
     /// The host process id of the container's main process, where this host runs the container (a remote
     /// Docker daemon's processes are not this host's): checked against the process's cgroup.
     pub async fn process_id(&self) -> Option<u32> {
-        let output = tokio::process::Command::new("docker")
-            .args(["inspect", "--format", "{{.State.Pid}}", &self.id])
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .ok()?;
-        let pid: u32 = String::from_utf8_lossy(&output.stdout).trim().parse().ok()?;
+        let pid: u32 = docker_output(&["inspect", "--format", "{{.State.Pid}}", &self.id]).await.ok()?.parse().ok()?;
         let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
         (pid != 0 && cgroup.contains(&self.id)).then_some(pid)
     }
@@ -204,7 +198,13 @@ impl Faults for BrokerFaults {
     }
 }
 
+/// Runs `docker` with `args`, failing with its error output when it fails.
 async fn docker(args: &[&str]) -> anyhow::Result<()> {
+    docker_output(args).await.map(drop)
+}
+
+/// Runs `docker` with `args`; its standard output, trimmed.
+async fn docker_output(args: &[&str]) -> anyhow::Result<String> {
     let output = tokio::process::Command::new("docker").args(args).stdin(Stdio::null()).output().await?;
     anyhow::ensure!(
         output.status.success(),
@@ -212,7 +212,7 @@ async fn docker(args: &[&str]) -> anyhow::Result<()> {
         args.join(" "),
         String::from_utf8_lossy(&output.stderr).trim()
     );
-    Ok(())
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
 /// A port free on 127.0.0.1 right now.

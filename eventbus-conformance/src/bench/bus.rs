@@ -98,10 +98,7 @@ pub(crate) struct Elapsed {
 impl Clock {
     /// Reads the clock: wall time, process CPU time and broker CPU time since it started.
     pub(crate) fn stop(&self) -> Elapsed {
-        let broker_cpu_ms = match (self.broker_cpu_ms, broker_cpu_ms()) {
-            (Some(start), Some(now)) => Some(now.saturating_sub(start)),
-            _ => None,
-        };
+        let broker_cpu_ms = self.broker_cpu_ms.zip(broker_cpu_ms()).map(|(start, now)| now.saturating_sub(start));
         Elapsed { wall: self.started.elapsed(), cpu_ms: process_cpu_ms().saturating_sub(self.cpu_ms), broker_cpu_ms }
     }
 }
