@@ -175,30 +175,25 @@ pub(crate) async fn fetch(
 
 /// Decodes a record into a delivery; what cannot be decoded is kept raw for the dead-letter topic.
 fn delivery<M: rdkafka::Message>(record: &M, acker: KafkaAcker) -> Delivery {
-    let payload = bytes::Bytes::copy_from_slice(record.payload().unwrap_or_default());
+    // Copied again only for a record that cannot be decoded: sharing one copy would cost every record a
+    // reference-counted buffer.
+    let payload = || bytes::Bytes::copy_from_slice(record.payload().unwrap_or_default());
+    let headers = || {
+        record.headers().into_iter().flat_map(|headers| headers.iter()).map(|h| (h.key, h.value.unwrap_or_default()))
+    };
     // rdkafka panics on a header name that is not UTF-8, which any producer can write: such a record is
     // undecodable, not a reason to stop consuming.
-    let headers = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        record
-            .headers()
-            .map(|headers| headers.iter().map(|h| (h.key, h.value.unwrap_or_default())).collect::<Vec<(&str, &[u8])>>())
-            .unwrap_or_default()
-    }));
-    let Ok(headers) = headers else {
-        let error = DecodeError::MalformedHeader { name: "header name", reason: "not valid UTF-8".into() };
-        return Delivery {
-            message: Message::Undecodable { wire: WireMessage { headers: Vec::new(), payload }, error },
-            acker: Box::new(acker),
-        };
-    };
-    let message = match wire::decode(headers.iter().copied(), payload.clone()) {
+    let message = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match wire::decode(headers(), payload()) {
         Ok(envelope) => Message::Event(Arc::new(envelope)),
         Err(error) => {
-            let headers =
-                headers.iter().map(|(k, v)| ((*k).to_owned(), String::from_utf8_lossy(v).into_owned())).collect();
-            Message::Undecodable { wire: WireMessage { headers, payload }, error }
+            let headers = headers().map(|(k, v)| (k.to_owned(), String::from_utf8_lossy(v).into_owned())).collect();
+            Message::Undecodable { wire: WireMessage { headers, payload: payload() }, error }
         }
-    };
+    }));
+    let message = message.unwrap_or_else(|_| Message::Undecodable {
+        wire: WireMessage { headers: Vec::new(), payload: payload() },
+        error: DecodeError::MalformedHeader { name: "header name", reason: "not valid UTF-8".into() },
+    });
     Delivery { message, acker: Box::new(acker) }
 }
 
