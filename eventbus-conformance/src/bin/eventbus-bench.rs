@@ -15,13 +15,15 @@
 //!
 //! `--repeat N` runs each level N times in a row (bus and bare clients in turn each round), prints every
 //! round, then a table of the bus's median and range per level; the plot draws each level's median round.
+//! `--fresh-broker` starts a new broker container for every run (each client, level and round) instead of one per
+//! backend, so that no run meets the topics, groups and stored batches an earlier run left in the broker.
 //!
 //! `--config FILE.json` runs the bus with those settings (the `BusConfig` JSON of docs/configuration.md; its
-//! `url` is replaced by the broker's). Without `--url`, a broker container is started the way the conformance suites start theirs (the image
-//! from `EVENTBUS_NATS_IMAGE` / `EVENTBUS_KAFKA_IMAGE`, else the official one) and removed afterwards. See
-//! `eventbus_conformance::bench` for what is measured and how. `EVENTBUS_LOG=eventbus_nats=debug` (any
-//! tracing filter) prints the bus's logs on stderr. Any order violation, loss, duplicate, failed
-//! publish or task left after close makes the exit status 1; bad arguments make it 2.
+//! `url` is replaced by the broker's). Without `--url`, a broker container is started the way the conformance
+//! suites start theirs (the image from `EVENTBUS_NATS_IMAGE` / `EVENTBUS_KAFKA_IMAGE`, else the official one)
+//! and removed afterwards. See `eventbus_conformance::bench` for what is measured and how.
+//! `EVENTBUS_LOG=eventbus_nats=debug` (any tracing filter) prints the bus's logs on stderr. Any order violation,
+//! loss, duplicate, failed publish or task left after close makes the exit status 1; bad arguments make it 2.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -30,7 +32,7 @@ use std::process::ExitCode;
 use eventbus::BusConfig;
 use eventbus_conformance::bench::kafka_bare::Consumers;
 use eventbus_conformance::bench::nats_bare::Layout;
-use eventbus_conformance::bench::report::Measurement;
+use eventbus_conformance::bench::report::{Client, Measurement};
 use eventbus_conformance::bench::rounds::{self, RoundsSummary};
 use eventbus_conformance::bench::{bus, kafka_bare, nats_bare, plot, Level, LEVELS};
 use eventbus_conformance::kafka::Kafka;
@@ -43,8 +45,8 @@ use eventbus_conformance::nats::Nats;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const USAGE: &str = "usage: eventbus-bench [--backend memory|nats|kafka|all] [--url URL] \
-[--level low|mid|high|extreme|scale|all]... [--raw] [--repeat N] [--payload BYTES] [--config FILE.json] \
-[--json FILE] [--plot FILE.svg]\n       eventbus-bench --plot-from FILE.jsonl --plot FILE.svg";
+[--level low|mid|high|extreme|scale|all]... [--raw] [--repeat N] [--fresh-broker] [--payload BYTES] \
+[--config FILE.json] [--json FILE] [--plot FILE.svg]\n       eventbus-bench --plot-from FILE.jsonl --plot FILE.svg";
 
 /// Most rounds `--repeat` accepts: each `scale` round of every client takes about a minute.
 const MAX_ROUNDS: usize = 20;
@@ -57,6 +59,8 @@ struct Options {
     raw: bool,
     /// Rounds per level (`--repeat`).
     rounds: usize,
+    /// A new broker container for every run (`--fresh-broker`).
+    fresh_broker: bool,
     config: Option<PathBuf>,
     json: Option<PathBuf>,
     plot: Option<PathBuf>,
@@ -72,6 +76,7 @@ fn parse() -> Result<Options, String> {
         payload: 200,
         raw: false,
         rounds: 1,
+        fresh_broker: false,
         config: None,
         json: None,
         plot: None,
@@ -88,6 +93,7 @@ fn parse() -> Result<Options, String> {
             "--url" => options.url = Some(value()?),
             "--payload" => options.payload = value()?.parse().map_err(|e| format!("--payload: {e}"))?,
             "--raw" => options.raw = true,
+            "--fresh-broker" => options.fresh_broker = true,
             "--repeat" => options.rounds = value()?.parse().map_err(|e| format!("--repeat: {e}"))?,
             "--json" => options.json = Some(value()?.into()),
             "--config" => options.config = Some(value()?.into()),
@@ -109,6 +115,9 @@ fn parse() -> Result<Options, String> {
     }
     if options.url.is_some() && options.backends.len() != 1 {
         return Err("--url names one broker: use it with a single --backend".to_owned());
+    }
+    if options.fresh_broker && options.url.is_some() {
+        return Err("--fresh-broker starts its own broker containers: leave out --url".to_owned());
     }
     if !(1..=MAX_ROUNDS).contains(&options.rounds) {
         return Err(format!("--repeat takes 1 to {MAX_ROUNDS} rounds"));
@@ -230,11 +239,16 @@ async fn run(options: &Options) -> anyhow::Result<bool> {
         if options.raw && backend == "memory" {
             eprintln!("eventbus-bench: memory has no bare client to compare with; --raw applies to nats and kafka");
         }
-        let broker = Broker::for_backend(backend, options.url.as_ref()).await?;
-        let url = broker.url();
-        eventbus_conformance::probe::watch_broker_process(broker.process_id().await);
-        let outcome = run_backend(options, backend, &url, &mut measured, &mut json).await;
-        broker.stop().await;
+        let (shared, brokers) = if options.fresh_broker && backend != "memory" {
+            (Broker::None, Brokers::Fresh)
+        } else {
+            let broker = Broker::for_backend(backend, options.url.as_ref()).await?;
+            eventbus_conformance::probe::watch_broker_process(broker.process_id().await);
+            let url = broker.url();
+            (broker, Brokers::Shared(url))
+        };
+        let outcome = run_backend(options, backend, &brokers, &mut measured, &mut json).await;
+        shared.stop().await;
         clean &= outcome?;
     }
     let summaries = RoundsSummary::of_all(&measured);
@@ -251,10 +265,50 @@ async fn run(options: &Options) -> anyhow::Result<bool> {
     Ok(clean)
 }
 
+/// Where each run of a backend finds its broker.
+enum Brokers {
+    /// One broker for every run, at this URL.
+    Shared(String),
+    /// A container started for each run and removed after it.
+    Fresh,
+}
+
+impl Brokers {
+    /// Runs `client` on its broker: the shared one, or a container started for this run alone (whose process
+    /// the run's clock watches) and stopped after it, whether the run succeeds or fails.
+    async fn run(
+        &self,
+        client: Client,
+        config: &mut BusConfig,
+        backend: &str,
+        level: Level,
+        payload: usize,
+    ) -> anyhow::Result<Measurement> {
+        let fresh = match self {
+            Brokers::Shared(url) => {
+                config.url = url.clone();
+                None
+            }
+            Brokers::Fresh => {
+                let broker = Broker::for_backend(backend, None).await?;
+                eventbus_conformance::probe::watch_broker_process(broker.process_id().await);
+                config.url = broker.url();
+                Some(broker)
+            }
+        };
+        let measured = run_client(client, config, backend, level, payload).await;
+        if let Some(broker) = fresh {
+            eventbus_conformance::probe::watch_broker_process(None);
+            broker.stop().await;
+        }
+        measured
+    }
+}
+
 async fn run_backend(
     options: &Options,
     backend: &str,
-    url: &str,
+    brokers: &Brokers,
     measured: &mut Vec<Measurement>,
     json: &mut Option<std::fs::File>,
 ) -> anyhow::Result<bool> {
@@ -271,14 +325,14 @@ async fn run_backend(
             config
         }
     };
-    // The settings come from --config; the broker is the one this run uses.
-    config.url = url.to_owned();
+    // The settings come from --config; each run's url is its broker's.
     let mut clean = true;
     for level in &options.levels {
         for round in 1..=options.rounds {
-            let mut runs = vec![bus::run(&config, backend, *level, options.payload).await?];
+            let mut runs = vec![brokers.run(Client::Bus, &mut config, backend, *level, options.payload).await?];
             if options.raw {
-                for bare in bare_runs(&config, backend, url, *level, options.payload).await? {
+                for &client in bare_clients(backend) {
+                    let bare = brokers.run(client, &mut config, backend, *level, options.payload).await?;
                     runs[0].compare_to(&bare);
                     runs.push(bare);
                 }
@@ -301,39 +355,42 @@ async fn run_backend(
     Ok(clean)
 }
 
-/// One level through the bare client(s) of `backend` on the broker at `url`; none for memory.
-async fn bare_runs(
+/// The bare clients `--raw` runs beside the bus on `backend`: each broker's client as a plain application would
+/// use it, then laid out as the bus lays out its consumers, to show the broker's pace under that layout (NATS
+/// with the bus's consumer per partition, Kafka with its member per subscription). None for memory.
+fn bare_clients(backend: &str) -> &'static [Client] {
+    match backend {
+        "nats" => &[Client::Bare, Client::BareOrdered],
+        "kafka" => &[Client::Bare, Client::BarePerTopic],
+        _ => &[],
+    }
+}
+
+/// One level through `client` on the broker at `config.url`.
+async fn run_client(
+    client: Client,
     config: &BusConfig,
     backend: &str,
-    url: &str,
     level: Level,
     payload: usize,
-) -> anyhow::Result<Vec<Measurement>> {
+) -> anyhow::Result<Measurement> {
+    let url = config.url.as_str();
     let window = config.publish.window;
-    Ok(match backend {
-        // Each backend's bare client also runs with the bus's consumer layout, to show the broker's pace under
-        // it: NATS with the bus's consumer per partition, Kafka with its member per subscription.
-        "nats" => vec![
-            nats_bare::run(url, level, payload, window, Layout::PerTopic).await?,
-            nats_bare::run(
-                url,
-                level,
-                payload,
-                window,
-                Layout::PerPartition {
-                    partitions: config.nats.partitions,
-                    max_ack_pending: config.nats.max_ack_pending,
-                },
-            )
-            .await?,
-        ],
-        "kafka" => {
-            let bootstrap = url.trim_start_matches("kafka://");
-            vec![
-                kafka_bare::run(bootstrap, level, payload, config, Consumers::Shared).await?,
-                kafka_bare::run(bootstrap, level, payload, config, Consumers::PerSubscription).await?,
-            ]
+    let bootstrap = url.trim_start_matches("kafka://");
+    match (backend, client) {
+        (_, Client::Bus) => bus::run(config, backend, level, payload).await,
+        ("nats", Client::Bare) => nats_bare::run(url, level, payload, window, Layout::PerTopic).await,
+        ("nats", Client::BareOrdered) => {
+            let layout = Layout::PerPartition {
+                partitions: config.nats.partitions,
+                max_ack_pending: config.nats.max_ack_pending,
+            };
+            nats_bare::run(url, level, payload, window, layout).await
         }
-        _ => Vec::new(),
-    })
+        ("kafka", Client::Bare) => kafka_bare::run(bootstrap, level, payload, config, Consumers::Shared).await,
+        ("kafka", Client::BarePerTopic) => {
+            kafka_bare::run(bootstrap, level, payload, config, Consumers::PerSubscription).await
+        }
+        (backend, client) => anyhow::bail!("{backend} has no {client} client"),
+    }
 }
