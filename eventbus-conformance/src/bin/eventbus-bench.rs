@@ -275,7 +275,8 @@ enum Brokers {
 
 impl Brokers {
     /// Runs `client` on its broker: the shared one, or a container started for this run alone (whose process
-    /// the run's clock watches) and stopped after it, whether the run succeeds or fails.
+    /// the run's clock watches) and stopped after it, whether the run succeeds or fails. `config` holds the
+    /// settings of `--config`; its url becomes the run's broker's.
     async fn run(
         &self,
         client: Client,
@@ -325,7 +326,6 @@ async fn run_backend(
             config
         }
     };
-    // The settings come from --config; each run's url is its broker's.
     let mut clean = true;
     for level in &options.levels {
         for round in 1..=options.rounds {
