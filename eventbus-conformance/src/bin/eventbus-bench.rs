@@ -183,8 +183,10 @@ enum Broker {
 }
 
 impl Broker {
+    /// The broker of `backend`: none for memory, the one at `url`, or a container started here, whose process
+    /// the runs' clocks then watch until [`stop`](Self::stop).
     async fn for_backend(backend: &str, url: Option<&String>) -> anyhow::Result<Self> {
-        Ok(match (backend, url) {
+        let broker = match (backend, url) {
             ("memory", _) => Broker::None,
             (_, Some(url)) => Broker::Given(url.clone()),
             ("nats", None) => {
@@ -195,7 +197,9 @@ impl Broker {
                 eprintln!("eventbus-bench: starting a Kafka container ({})", Kafka::image());
                 Broker::Kafka(Kafka::start().await?)
             }
-        })
+        };
+        eventbus_conformance::probe::watch_broker_process(broker.process_id().await);
+        Ok(broker)
     }
 
     /// The broker's process on this host, where the bench started its container here.
@@ -217,6 +221,7 @@ impl Broker {
     }
 
     async fn stop(self) {
+        eventbus_conformance::probe::watch_broker_process(None);
         match self {
             Broker::Nats(nats) => nats.stop().await,
             Broker::Kafka(kafka) => kafka.stop().await,
@@ -243,7 +248,6 @@ async fn run(options: &Options) -> anyhow::Result<bool> {
             (Broker::None, Brokers::Fresh)
         } else {
             let broker = Broker::for_backend(backend, options.url.as_ref()).await?;
-            eventbus_conformance::probe::watch_broker_process(broker.process_id().await);
             let url = broker.url();
             (broker, Brokers::Shared(url))
         };
@@ -292,14 +296,12 @@ impl Brokers {
             }
             Brokers::Fresh => {
                 let broker = Broker::for_backend(backend, None).await?;
-                eventbus_conformance::probe::watch_broker_process(broker.process_id().await);
                 config.url = broker.url();
                 Some(broker)
             }
         };
         let measured = run_client(client, config, backend, level, payload).await;
         if let Some(broker) = fresh {
-            eventbus_conformance::probe::watch_broker_process(None);
             broker.stop().await;
         }
         measured
