@@ -23,6 +23,14 @@ pub enum Client {
 }
 
 impl Client {
+    /// Every client, by the name the report gives it.
+    pub const ALL: [Client; 4] = [Client::Bus, Client::Bare, Client::BareOrdered, Client::BarePerTopic];
+
+    /// The client the report names `name`.
+    pub fn named(name: &str) -> Option<Client> {
+        Self::ALL.into_iter().find(|client| client.to_string() == name)
+    }
+
     /// Whether this is a bare client laid out as the bus: the reference that leaves out only the bus's own cost.
     pub fn has_bus_layout(self) -> bool {
         matches!(self, Client::BareOrdered | Client::BarePerTopic)

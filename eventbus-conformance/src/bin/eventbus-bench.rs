@@ -18,6 +18,10 @@
 //! `--fresh-broker` starts a new broker container for every run (each client, level and round) instead of one per
 //! backend, so that no run meets the topics, groups and stored batches an earlier run left in the broker.
 //!
+//! `--client NAME` (repeatable: `bus`, `bare`, `bare-per-topic`, `bare-ordered`) runs only the clients named, in
+//! that order: one client alone, say, for a profiler to watch. The bus's ratios compare it with the bare
+//! clients named beside it.
+//!
 //! `--config FILE.json` runs the bus with those settings (the `BusConfig` JSON of docs/configuration.md; its
 //! `url` is replaced by the broker's). Without `--url`, a broker container is started the way the conformance
 //! suites start theirs (the image from `EVENTBUS_NATS_IMAGE` / `EVENTBUS_KAFKA_IMAGE`, else the official one)
@@ -45,7 +49,7 @@ use eventbus_conformance::nats::Nats;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const USAGE: &str = "usage: eventbus-bench [--backend memory|nats|kafka|all] [--url URL] \
-[--level low|mid|high|extreme|scale|all]... [--raw] [--repeat N] [--fresh-broker] [--payload BYTES] \
+[--level low|mid|high|extreme|scale|all]... [--raw] [--client NAME]... [--repeat N] [--fresh-broker] [--payload BYTES] \
 [--config FILE.json] [--json FILE] [--plot FILE.svg]\n       eventbus-bench --plot-from FILE.jsonl --plot FILE.svg";
 
 /// Most rounds `--repeat` accepts: each `scale` round of every client takes about a minute.
@@ -57,6 +61,8 @@ struct Options {
     levels: Vec<Level>,
     payload: usize,
     raw: bool,
+    /// The clients `--client` names; empty for the bus and, with `--raw`, the bare clients.
+    clients: Vec<Client>,
     /// Rounds per level (`--repeat`).
     rounds: usize,
     /// A new broker container for every run (`--fresh-broker`).
@@ -75,6 +81,7 @@ fn parse() -> Result<Options, String> {
         levels: Vec::new(),
         payload: 200,
         raw: false,
+        clients: Vec::new(),
         rounds: 1,
         fresh_broker: false,
         config: None,
@@ -93,6 +100,10 @@ fn parse() -> Result<Options, String> {
             "--url" => options.url = Some(value()?),
             "--payload" => options.payload = value()?.parse().map_err(|e| format!("--payload: {e}"))?,
             "--raw" => options.raw = true,
+            "--client" => {
+                let name = value()?;
+                options.clients.push(Client::named(&name).ok_or(format!("unknown client {name:?}"))?);
+            }
             "--fresh-broker" => options.fresh_broker = true,
             "--repeat" => options.rounds = value()?.parse().map_err(|e| format!("--repeat: {e}"))?,
             "--json" => options.json = Some(value()?.into()),
@@ -121,6 +132,9 @@ fn parse() -> Result<Options, String> {
     }
     if !(1..=MAX_ROUNDS).contains(&options.rounds) {
         return Err(format!("--repeat takes 1 to {MAX_ROUNDS} rounds"));
+    }
+    if options.raw && !options.clients.is_empty() {
+        return Err("--client names the clients to run: leave out --raw".to_owned());
     }
     if options.payload == 0 {
         return Err("--payload must be at least 1 byte".to_owned());
@@ -328,16 +342,17 @@ async fn run_backend(
             config
         }
     };
+    let clients = clients(options, backend)?;
     let mut clean = true;
     for level in &options.levels {
         for round in 1..=options.rounds {
-            let mut runs = vec![brokers.run(Client::Bus, &mut config, backend, *level, options.payload).await?];
-            if options.raw {
-                for &client in bare_clients(backend) {
-                    let bare = brokers.run(client, &mut config, backend, *level, options.payload).await?;
-                    runs[0].compare_to(&bare);
-                    runs.push(bare);
-                }
+            let mut runs = Vec::new();
+            for &client in &clients {
+                runs.push(brokers.run(client, &mut config, backend, *level, options.payload).await?);
+            }
+            let bare: Vec<Measurement> = runs.iter().filter(|run| run.client != Client::Bus).cloned().collect();
+            for bus in runs.iter_mut().filter(|run| run.client == Client::Bus) {
+                bare.iter().for_each(|bare| bus.compare_to(bare));
             }
             for mut run in runs {
                 run.round = round;
@@ -355,6 +370,19 @@ async fn run_backend(
         }
     }
     Ok(clean)
+}
+
+/// The clients to run on `backend`, in order: those `--client` names, else the bus and, with `--raw`, the bare
+/// clients. Fails on a client `backend` does not have.
+fn clients(options: &Options, backend: &str) -> anyhow::Result<Vec<Client>> {
+    if options.clients.is_empty() {
+        let bare = if options.raw { bare_clients(backend) } else { &[] };
+        return Ok([Client::Bus].into_iter().chain(bare.iter().copied()).collect());
+    }
+    if let Some(missing) = options.clients.iter().find(|&&c| c != Client::Bus && !bare_clients(backend).contains(&c)) {
+        anyhow::bail!("{backend} has no {missing} client");
+    }
+    Ok(options.clients.clone())
 }
 
 /// The bare clients `--raw` runs beside the bus on `backend`: each broker's client as a plain application would
