@@ -289,6 +289,23 @@ impl PublishReceipt {
     pub fn event_id(&self) -> EventId {
         self.event_id
     }
+
+    /// The outcome if the publish has settled already, taken without waiting and without registering to be
+    /// woken; `None` while it is still in flight (await the receipt for it then). Once taken, awaiting the
+    /// receipt gives [`Error::Closed`].
+    pub fn try_result(&mut self) -> Option<Result<PublishAck>> {
+        let result = match &mut self.state {
+            ReceiptState::Settled(result) => return result.take(),
+            ReceiptState::Pending(receiver) => match receiver.try_recv() {
+                Ok(result) => result,
+                Err(oneshot::error::TryRecvError::Empty) => return None,
+                // The sender only disappears without a value when the bus was dropped without close().
+                Err(oneshot::error::TryRecvError::Closed) => Err(Error::ClosedBeforeAck),
+            },
+        };
+        self.state = ReceiptState::Settled(None);
+        Some(result)
+    }
 }
 
 impl Future for PublishReceipt {

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use eventbus::{BusConfig, EventBus, EventBusExt, HandlerError, PublishReceipt, SubscribeOptions};
-use futures_util::FutureExt;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -232,7 +231,7 @@ async fn publish_all(
                     Ok(mut receipt) => {
                         // The bus's publish latency, its window's wait included and this bench's bookkeeping not.
                         let accepted = sent.elapsed();
-                        match (&mut receipt).now_or_never() {
+                        match receipt.try_result() {
                             Some(acked) => receipts.settled(&timings, sent, accepted, acked.is_ok()),
                             None => {
                                 // Room is taken only for a receipt the collector has to wait for: the bus's own
