@@ -13,8 +13,12 @@
 //! A broker client that reports every ack through a callback (librdkafka's delivery report) needs no future
 //! driven per message: the backend registers the publish with [`expect_ack`](PublishWindow::expect_ack) and
 //! settles the returned [`AckCallback`] from the callback, which frees the slot at once, on the client's
-//! thread (with the publish-result stream on, once the collector has reported the outcome). The collector only enforces their deadlines, with one more timer of the same kind, and reports them
-//! on the publish-result stream when that is on (its sends may wait; a callback must not).
+//! thread (with the publish-result stream on, once the collector has reported the outcome). A client that
+//! carries a number with each message registers with [`expect_ack_ticket`](PublishWindow::expect_ack_ticket)
+//! instead, sends the [packed](AckTicket::pack) ticket along, and settles through an [`AckSettler`]: nothing
+//! is allocated per publish. The collector only enforces their deadlines, with one more timer of the same
+//! kind, and reports them on the publish-result stream when that is on (its sends may wait; a callback must
+//! not).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -71,9 +75,18 @@ struct ExpectedAcks {
     given_up: bool,
     pending: Slab<Registered>,
     /// Numbers the registrations: a slab key is reused once its publish settles, so a late callback (of a
-    /// publish that timed out) must not settle the publish registered under its key since.
+    /// publish that timed out) must not settle the publish registered under its key since. Wraps at
+    /// [`REGISTRATION_LIMIT`], so that a packed ticket carries it whole.
     registrations: u64,
 }
+
+/// Bits of a [packed](AckTicket::pack) ticket that hold the slab key: every registered publish holds a window
+/// slot, so keys stay below the largest window.
+const KEY_BITS: u32 = crate::config::MAX_WINDOW.trailing_zeros();
+
+/// Registrations are numbered from 1 up to this, then from 1 again: the bits a packed ticket leaves them, less
+/// its top bit (2^43 − 1 on 64-bit targets: never reached in practice).
+const REGISTRATION_LIMIT: u64 = (usize::MAX >> (KEY_BITS + 1)) as u64;
 
 #[derive(Debug)]
 struct Registered {
@@ -88,6 +101,21 @@ struct Registered {
 pub struct AckTicket {
     key: usize,
     registration: u64,
+}
+
+impl AckTicket {
+    /// The ticket as one number, for a client that carries a plain number with each message (librdkafka's
+    /// per-message opaque) rather than an allocation. The top bit is never set: the client may use it to tell
+    /// numbers of its own from tickets.
+    pub fn pack(self) -> usize {
+        // Lossless: registrations never exceed REGISTRATION_LIMIT, keys never reach 1 << KEY_BITS.
+        ((self.registration as usize) << KEY_BITS) | self.key
+    }
+
+    /// The ticket [`pack`](Self::pack) made this number of.
+    pub fn unpack(packed: usize) -> Self {
+        Self { key: packed & ((1 << KEY_BITS) - 1), registration: (packed >> KEY_BITS) as u64 }
+    }
 }
 
 impl std::fmt::Display for AckTicket {
@@ -228,6 +256,13 @@ impl AckSettler {
     /// when the publish is still pending). Does nothing once it timed out, was settled, or close() gave up.
     pub fn settle(&self, ticket: AckTicket, ack: impl FnOnce(EventId, &str) -> Result<PublishAck>) {
         self.expected.settle(ticket, ack);
+    }
+
+    /// Withdraws the publish of `ticket`, which the client refused before sending: its slot is freed and
+    /// nothing is counted or reported, since `publish` returns the refusal itself.
+    pub fn withdraw(&self, ticket: AckTicket) {
+        let withdrawn = self.expected.acks().take(ticket);
+        drop(withdrawn);
     }
 }
 
@@ -393,19 +428,31 @@ impl PublishWindow {
         event_id: EventId,
         aggregate_id: &str,
     ) -> Result<(PublishReceipt, AckCallback)> {
+        let (receipt, ticket) = self.expect_ack_ticket(slot, topic, event_id, aggregate_id)?;
+        Ok((receipt, AckCallback { ticket, event_id, expected: self.expected.clone(), armed: true }))
+    }
+
+    /// Registers a publish like [`expect_ack`](Self::expect_ack), for a client that hands every ack back with
+    /// the publish's ticket, to an [`AckSettler`]: returns its receipt and ticket. Nothing settles it when the
+    /// ticket is lost: it then times out at its deadline.
+    pub fn expect_ack_ticket(
+        &self,
+        slot: WindowSlot,
+        topic: &Arc<str>,
+        event_id: EventId,
+        aggregate_id: &str,
+    ) -> Result<(PublishReceipt, AckTicket)> {
         let (pending, receiver) = self.new_pending(slot, topic, event_id, aggregate_id);
         let deadline = deadline_in(self.ack_timeout);
-        let ticket = {
-            let mut acks = self.expected.acks();
-            if acks.given_up {
-                return Err(Error::Closed);
-            }
-            acks.registrations += 1;
-            let registration = acks.registrations;
-            AckTicket { key: acks.pending.insert(Registered { pending, deadline, registration }), registration }
-        };
-        let callback = AckCallback { ticket, event_id, expected: self.expected.clone(), armed: true };
-        Ok((PublishReceipt::pending(event_id, receiver), callback))
+        let mut acks = self.expected.acks();
+        if acks.given_up {
+            return Err(Error::Closed);
+        }
+        acks.registrations = if acks.registrations >= REGISTRATION_LIMIT { 1 } else { acks.registrations + 1 };
+        let registration = acks.registrations;
+        let key = acks.pending.insert(Registered { pending, deadline, registration });
+        drop(acks);
+        Ok((PublishReceipt::pending(event_id, receiver), AckTicket { key, registration }))
     }
 
     /// A handle that settles registered publishes by ticket.
@@ -707,6 +754,37 @@ mod tests {
             Ok(PublishAck::new(event_id, "orders"))
         };
         window.submit(slot, &topic, event_id, "order-1", ack).await
+    }
+
+    #[test]
+    fn a_packed_ticket_unpacks_whole_and_leaves_the_top_bit_clear() {
+        let largest = AckTicket { key: crate::config::MAX_WINDOW - 1, registration: REGISTRATION_LIMIT };
+        for ticket in [AckTicket { key: 0, registration: 1 }, largest] {
+            let packed = ticket.pack();
+            assert_eq!(AckTicket::unpack(packed), ticket);
+            assert_eq!(packed >> (usize::BITS - 1), 0, "{ticket}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_ticket_settles_its_publish_once_and_a_withdrawn_one_frees_its_slot() {
+        let window = window(1, Duration::from_secs(10));
+        let settler = window.ack_settler();
+        let topic: Arc<str> = "orders".into();
+        let event_id = EventId::new();
+        let slot = window.reserve().await.expect("a free slot");
+        let (receipt, ticket) = window.expect_ack_ticket(slot, &topic, event_id, "order-1").expect("registered");
+        settler.settle(ticket, |id, topic| Ok(PublishAck::new(id, topic).with_sequence(7)));
+        // A second report for the same ticket finds nothing to settle.
+        settler.settle(ticket, |_, _| Err(Error::ClosedBeforeAck));
+        let ack = receipt.await.expect("acked");
+        assert_eq!((ack.event_id, ack.topic.as_str(), ack.sequence), (event_id, "orders", Some(7)));
+        let slot = window.reserve().await.expect("the settled publish freed its slot");
+        let (refused, ticket) = window.expect_ack_ticket(slot, &topic, EventId::new(), "order-1").expect("registered");
+        settler.withdraw(ticket);
+        drop(refused);
+        assert_eq!(window.in_flight(), 0);
+        window.reserve().await.expect("the withdrawn publish freed its slot");
     }
 
     #[tokio::test(start_paused = true)]

@@ -19,12 +19,12 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{Producer, ThreadedProducer};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, millis, BusContext, Connection};
 use crate::consume::{self, GroupContext};
-use crate::produce::{delivery_error, Awaiting, ProducerCallbacks, Record};
+use crate::produce::{delivery_error, ProducerCallbacks, Record};
 use crate::provision::Provisioner;
 use crate::tracker::Tracker;
 
@@ -54,7 +54,9 @@ impl KafkaBus {
         let connection = Arc::new(Connection::default());
         let context = BusContext { connection: connection.clone() };
         let kafka = &config.kafka;
-        let callbacks = ProducerCallbacks { bus: context.clone(), ack_timeout: config.publish.ack_timeout };
+        // The window first: the producer's reports settle publishes through it.
+        let core = BusCore::new(&config);
+        let callbacks = ProducerCallbacks::new(context.clone(), config.publish.ack_timeout, core.window.ack_settler());
         let producer: ThreadedProducer<ProducerCallbacks> = client::base(&config)?
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -89,14 +91,7 @@ impl KafkaBus {
         }
         let provisioner = Provisioner::new(admin, kafka.clone(), config.connect_timeout.max(Duration::from_secs(5)));
         let live = Live { producer, provisioner, ack_timeout: config.publish.ack_timeout };
-        Ok(Self {
-            inner: Arc::new(Inner {
-                core: BusCore::new(&config),
-                config,
-                connection,
-                live: RwLock::new(Some(Arc::new(live))),
-            }),
-        })
+        Ok(Self { inner: Arc::new(Inner { core, config, connection, live: RwLock::new(Some(Arc::new(live))) }) })
     }
 }
 
@@ -119,9 +114,8 @@ impl Inner {
     }
 
     /// Everything `publish` checks before anything is sent, without encoding: a publish that then waits for
-    /// window room holds only its envelope.
-    fn check(&self, topic: &str, envelope: &Envelope) -> Result<()> {
-        validate_topic(topic)?;
+    /// window room holds only its envelope. The topic's name is checked when it first becomes known.
+    fn check(&self, envelope: &Envelope) -> Result<()> {
         envelope.validate()?;
         let size = wire::encoded_size(envelope).bytes;
         let limit = self.config.kafka.max_message_bytes;
@@ -131,23 +125,20 @@ impl Inner {
         Ok(())
     }
 
-    /// Sends a checked `envelope` under the window slot it was admitted with; the producer's delivery report
-    /// settles it.
-    async fn send(&self, live: &Live, slot: WindowSlot, topic: &str, envelope: Envelope) -> Result<PublishReceipt> {
+    /// Sends a checked `envelope` to the `known` topic under the window slot it was admitted with; the
+    /// producer's delivery report settles it. Never waits: a publish holds nothing of it while it waits for room.
+    fn send(&self, live: &Live, slot: WindowSlot, known: &Arc<str>, envelope: Envelope) -> Result<PublishReceipt> {
         let core = &self.core;
-        let known = core.count_rejection(live.provisioner.topic(topic).await)?;
-        let expected = core.window.expect_ack(slot, &known, envelope.event_id, &envelope.aggregate_id);
-        let (receipt, callback) = core.count_rejection(expected)?;
-        let record = Record::with_opaque_to(&known, Box::new(Awaiting::Publish(callback)))
+        let expected = core.window.expect_ack_ticket(slot, known, envelope.event_id, &envelope.aggregate_id);
+        let (receipt, ticket) = core.count_rejection(expected)?;
+        let record = Record::with_opaque_to(known, ticket.pack())
             .key(envelope.aggregate_id.as_str())
             .payload(&envelope.payload[..])
             .headers(envelope_headers(&envelope));
         match live.producer.send(record) {
             Ok(()) => Ok(receipt),
             Err((error, refused)) => {
-                if let Awaiting::Publish(callback) = *refused.delivery_opaque {
-                    callback.withdraw();
-                }
+                live.producer.context().refused(refused.delivery_opaque);
                 let refusal = match error.rdkafka_error_code() {
                     Some(RDKafkaErrorCode::QueueFull) => {
                         Error::Backpressure { window: self.config.publish.window, waited: Duration::ZERO }
@@ -182,14 +173,16 @@ impl Live {
     async fn send_and_wait(&self, topic: &str, wire: WireMessage) -> Result<()> {
         let topic = self.provisioner.topic(topic).await?;
         let key = wire.header(wire::AGGREGATE_ID).map(str::to_owned);
-        let (report, delivered) = oneshot::channel();
-        let mut record = Record::with_opaque_to(&topic, Box::new(Awaiting::DeadLetter(report)))
-            .payload(&wire.payload)
-            .headers(headers(&wire));
+        let callbacks = self.producer.context();
+        let (number, delivered) = callbacks.expect_dead_letter();
+        let mut record = Record::with_opaque_to(&topic, number).payload(&wire.payload).headers(headers(&wire));
         if let Some(key) = &key {
             record = record.key(key.as_str());
         }
-        self.producer.send(record).map_err(|(error, _)| Error::broker("the producer refused the record", error))?;
+        if let Err((error, refused)) = self.producer.send(record) {
+            callbacks.refused(refused.delivery_opaque);
+            return Err(Error::broker("the producer refused the record", error));
+        }
         match tokio::time::timeout(self.ack_timeout, delivered).await {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(error))) => Err(delivery_error(&error, self.ack_timeout)),
@@ -215,11 +208,11 @@ impl EventBus for KafkaBus {
         let inner = &self.inner;
         let core = &inner.core;
         let live = core.count_rejection(inner.live())?;
-        core.count_rejection(inner.check(topic, &envelope))?;
+        core.count_rejection(inner.check(&envelope))?;
+        // Known (or created) before the publish waits for room: a topic being created holds no window slot.
+        let known = core.count_rejection(live.provisioner.topic(topic).await)?;
         let slot = core.admit().await?;
-        // Boxed: thousands of publishes may wait for window room above, and each of them is only as large as
-        // the state it waits in.
-        Box::pin(inner.send(&live, slot, topic, envelope)).await
+        inner.send(&live, slot, &known, envelope)
     }
 
     async fn subscribe(
