@@ -9,6 +9,7 @@
 //! The worker count is fixed by configuration; no task is spawned per message.
 
 use std::any::Any;
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -101,6 +102,14 @@ impl std::borrow::Borrow<str> for Key {
 pub trait Acker: Send + Sync + 'static {
     /// Tells the broker the message was handled. An error is logged; the broker will deliver it again.
     async fn ack(self: Box<Self>) -> Result<()>;
+
+    /// Acks right here, for a backend whose ack needs no waiting (one that records handled offsets in
+    /// process): `Some` with the outcome once acked, after which the acker is only dropped. `None` (the
+    /// default) leaves the ack to [`ack`](Self::ack); workers try this first on every handled message, sparing it
+    /// a boxed future.
+    fn ack_now(&mut self) -> Option<Result<()>> {
+        None
+    }
 
     /// Tells the broker the message was dead-lettered and must never be delivered again. Defaults to
     /// [`ack`](Self::ack).
@@ -210,7 +219,14 @@ struct State {
     ready: VecDeque<Key>,
     /// Workers waiting for a ready key; a key made ready wakes one only when some wait.
     idle: usize,
+    /// Emptied queues, kept for keys that become ready later: most keys have one delivery queued at a time, so
+    /// reusing a queue saves an allocation and a free per delivery.
+    spare: Vec<VecDeque<Queued>>,
 }
+
+/// Most emptied queues [`State::spare`] keeps, and the largest capacity it keeps one with.
+const SPARE_QUEUES: usize = 64;
+const SPARE_CAPACITY: usize = 8;
 
 impl State {
     /// Takes the next ready key and its first delivery.
@@ -221,9 +237,18 @@ impl State {
             }
             // A key in line always has deliveries waiting; one without ends its turn here, so that its next
             // delivery schedules it again.
-            self.queues.remove(key.as_str());
+            self.retire(&key);
         }
         None
+    }
+
+    /// Removes the queue of `key`, keeping it for another key if it is empty and small.
+    fn retire(&mut self, key: &Key) {
+        if let Some(queue) = self.queues.remove(key.as_str()) {
+            if queue.is_empty() && queue.capacity() <= SPARE_CAPACITY && self.spare.len() < SPARE_QUEUES {
+                self.spare.push(queue);
+            }
+        }
     }
 
     /// Ends a worker's turn with `key`: to the back of the line if deliveries remain (keys take turns with
@@ -231,9 +256,7 @@ impl State {
     fn release(&mut self, key: &Key) {
         match self.queues.get(key.as_str()) {
             Some(queue) if !queue.is_empty() => self.ready.push_back(key.clone()),
-            _ => {
-                self.queues.remove(key.as_str());
-            }
+            _ => self.retire(key),
         }
     }
 
@@ -293,15 +316,19 @@ impl Dispatcher {
         let queued = Queued { delivery, attempts: 0, _permit: slot.0 };
         // Only a key without a queue is made ready, so no two workers ever hold the same key.
         let wake = {
-            let mut state = lock(&self.shared.state);
-            let key = queued.delivery.message.key();
-            match state.queues.get_mut(key.as_str()) {
-                Some(queue) => {
-                    queue.push_back(queued);
+            let mut guard = lock(&self.shared.state);
+            let state = &mut *guard;
+            // One hash of the key, whether it has a queue or not.
+            match state.queues.entry(queued.delivery.message.key()) {
+                Entry::Occupied(mut queue) => {
+                    queue.get_mut().push_back(queued);
                     false
                 }
-                None => {
-                    state.queues.insert(key.clone(), VecDeque::from([queued]));
+                Entry::Vacant(vacant) => {
+                    let key = vacant.key().clone();
+                    let mut queue = state.spare.pop().unwrap_or_default();
+                    queue.push_back(queued);
+                    vacant.insert(queue);
                     state.ready.push_back(key);
                     state.wake_one()
                 }
@@ -632,8 +659,12 @@ impl Worker {
                     Ok(()) => {
                         // The capacity permit is kept until the acker has taken the delivery, so at most
                         // `capacity` deliveries are ever held unsettled.
-                        let Queued { delivery, _permit, .. } = held.item.take().expect("a held delivery");
-                        if let Err(error) = delivery.acker.ack().await {
+                        let Queued { mut delivery, _permit, .. } = held.item.take().expect("a held delivery");
+                        let acked = match delivery.acker.ack_now() {
+                            Some(acked) => acked,
+                            None => delivery.acker.ack().await,
+                        };
+                        if let Err(error) = acked {
                             tracing::warn!(topic = %self.shared.topic, %error, "ack failed; the broker will redeliver");
                         } else {
                             counters.bump(Counter::Acked);

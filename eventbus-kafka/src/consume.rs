@@ -208,9 +208,15 @@ struct KafkaAcker {
 #[async_trait]
 impl Acker for KafkaAcker {
     async fn ack(mut self: Box<Self>) -> Result<()> {
-        self.tracker.handled(&self.ticket);
-        self.settled = true;
-        Ok(())
+        self.ack_now().unwrap_or(Ok(()))
+    }
+
+    fn ack_now(&mut self) -> Option<Result<()>> {
+        if !self.settled {
+            self.tracker.handled(&self.ticket);
+            self.settled = true;
+        }
+        Some(Ok(()))
     }
 
     fn is_current(&self) -> bool {

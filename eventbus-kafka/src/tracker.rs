@@ -1,7 +1,8 @@
 //! Which offsets of each assigned partition are in flight, so offsets are committed only up to the contiguous
 //! prefix of handled records: a crash never skips a record that was not handled.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,11 +11,15 @@ use std::time::{Duration, Instant};
 pub(crate) struct Tracker {
     state: Mutex<State>,
     settled: Condvar,
+    /// `State::generation`, readable without the lock: while it has not moved since a delivery was received,
+    /// no partition was assigned or revoked, and the delivery is current.
+    generation: AtomicU64,
 }
 
 #[derive(Default)]
 struct State {
-    partitions: HashMap<i32, Partition>,
+    /// A B-tree rather than a hash map: a member holds a few partitions, found in a node or two without hashing.
+    partitions: BTreeMap<i32, Partition>,
     /// Bumped on every assignment and revocation; deliveries of an older generation are stale.
     generation: u64,
     /// Threads blocked in `wait_settled_blocking` (settling notifies only when there are some).
@@ -25,8 +30,9 @@ struct Partition {
     /// The assignment this state belongs to; tickets of another assignment of the same partition are ignored.
     epoch: u64,
     generation: u64,
-    /// Handed to the dispatcher and neither handled nor handed back.
-    in_flight: BTreeSet<i64>,
+    /// Offsets handed to the dispatcher, ascending, each with whether it has been settled (handled or handed
+    /// back). The first is always unsettled: settled offsets leave from the front.
+    in_flight: VecDeque<(i64, bool)>,
     /// Handed back unhandled (the subscription closed or the partition was revoked): not to be committed past.
     returned: BTreeSet<i64>,
     /// One past the highest offset received.
@@ -36,11 +42,36 @@ struct Partition {
 }
 
 impl Partition {
+    /// Records `offset` as handed to the dispatcher. Records arrive in offset order, so this appends; an offset
+    /// out of order (read again) is put in its place, or made unsettled again if it is still there.
+    fn receive(&mut self, offset: i64) {
+        match self.in_flight.back() {
+            Some(&(last, _)) if last >= offset => match self.in_flight.binary_search_by_key(&offset, |&(o, _)| o) {
+                Ok(at) => self.in_flight[at].1 = false,
+                Err(at) => self.in_flight.insert(at, (offset, false)),
+            },
+            _ => self.in_flight.push_back((offset, false)),
+        }
+        self.next = self.next.max(offset + 1);
+    }
+
+    /// Settles `offset` if it is in flight and unsettled; returns whether it was.
+    fn settle(&mut self, offset: i64) -> bool {
+        let Ok(at) = self.in_flight.binary_search_by_key(&offset, |&(o, _)| o) else {
+            return false;
+        };
+        let settled = std::mem::replace(&mut self.in_flight[at].1, true);
+        while self.in_flight.front().is_some_and(|&(_, settled)| settled) {
+            self.in_flight.pop_front();
+        }
+        !settled
+    }
+
     fn new(generation: u64) -> Self {
         Self {
             epoch: generation,
             generation,
-            in_flight: BTreeSet::new(),
+            in_flight: VecDeque::new(),
             returned: BTreeSet::new(),
             next: -1,
             committed: -1,
@@ -49,8 +80,7 @@ impl Partition {
 
     /// The next offset a new owner must read: the first one not handled.
     fn position(&self) -> i64 {
-        let first = |set: &BTreeSet<i64>| set.first().copied();
-        match (first(&self.in_flight), first(&self.returned)) {
+        match (self.in_flight.front().map(|&(offset, _)| offset), self.returned.first().copied()) {
             (Some(a), Some(b)) => a.min(b),
             (Some(a), None) | (None, Some(a)) => a,
             (None, None) => self.next,
@@ -65,6 +95,8 @@ pub(crate) struct Ticket {
     pub(crate) offset: i64,
     epoch: u64,
     generation: u64,
+    /// The tracker's generation when the delivery was received.
+    received_in: u64,
 }
 
 impl Tracker {
@@ -72,11 +104,17 @@ impl Tracker {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Starts a new generation: a partition was assigned or revoked.
+    fn next_generation(&self, state: &mut State) -> u64 {
+        state.generation += 1;
+        self.generation.store(state.generation, Ordering::Release);
+        state.generation
+    }
+
     /// Partitions newly assigned to this consumer.
     pub(crate) fn assign(&self, partitions: &[i32]) {
         let mut state = self.lock();
-        state.generation += 1;
-        let generation = state.generation;
+        let generation = self.next_generation(&mut state);
         for &partition in partitions {
             state.partitions.insert(partition, Partition::new(generation));
         }
@@ -85,8 +123,7 @@ impl Tracker {
     /// Marks the deliveries of `partitions` stale, so workers skip those not started yet.
     pub(crate) fn revoke(&self, partitions: &[i32]) {
         let mut state = self.lock();
-        state.generation += 1;
-        let generation = state.generation;
+        let generation = self.next_generation(&mut state);
         for partition in partitions {
             if let Some(p) = state.partitions.get_mut(partition) {
                 p.generation = generation;
@@ -107,13 +144,15 @@ impl Tracker {
         let mut state = self.lock();
         let generation = state.generation;
         let p = state.partitions.entry(partition).or_insert_with(|| Partition::new(generation));
-        p.in_flight.insert(offset);
-        p.next = p.next.max(offset + 1);
-        Ticket { partition, offset, epoch: p.epoch, generation: p.generation }
+        p.receive(offset);
+        Ticket { partition, offset, epoch: p.epoch, generation: p.generation, received_in: generation }
     }
 
     /// Whether the delivery's partition is still assigned to this consumer, in the same generation.
     pub(crate) fn is_current(&self, ticket: &Ticket) -> bool {
+        if self.generation.load(Ordering::Acquire) == ticket.received_in {
+            return true;
+        }
         self.lock().partitions.get(&ticket.partition).is_some_and(|p| p.generation == ticket.generation)
     }
 
@@ -130,7 +169,7 @@ impl Tracker {
     fn settle(&self, ticket: &Ticket, returned: bool) {
         let mut state = self.lock();
         if let Some(p) = state.partitions.get_mut(&ticket.partition).filter(|p| p.epoch == ticket.epoch) {
-            if p.in_flight.remove(&ticket.offset) && returned {
+            if p.settle(ticket.offset) && returned {
                 p.returned.insert(ticket.offset);
             }
         }
@@ -209,6 +248,25 @@ mod tests {
         tracker.returned(&tickets[2]);
         tracker.handled(&tickets[4]);
         assert_eq!(tracker.advanced(None), []);
+        assert!(!tracker.in_flight(None));
+    }
+
+    #[test]
+    fn offsets_read_again_out_of_order_hold_the_position_until_handled() {
+        let tracker = Tracker::default();
+        tracker.assign(&[0]);
+        let first: Vec<Ticket> = (0..4).map(|o| tracker.received(0, o)).collect();
+        tracker.handled(&first[1]);
+        tracker.handled(&first[2]);
+        // Offsets 1 and 2 read again while 0 is still running: both are in flight once more.
+        let again: Vec<Ticket> = (1..3).map(|o| tracker.received(0, o)).collect();
+        tracker.handled(&first[0]);
+        assert_eq!(tracker.advanced(None), [(0, 1)]);
+        tracker.handled(&again[0]);
+        tracker.handled(&again[1]);
+        assert_eq!(tracker.advanced(None), [(0, 3)]);
+        tracker.handled(&first[3]);
+        assert_eq!(tracker.advanced(None), [(0, 4)]);
         assert!(!tracker.in_flight(None));
     }
 
