@@ -787,6 +787,22 @@ mod tests {
         window.reserve().await.expect("the withdrawn publish freed its slot");
     }
 
+    #[tokio::test]
+    async fn a_receipt_gives_its_outcome_without_waiting_once_settled() {
+        let window = window(1, Duration::from_secs(10));
+        let topic: Arc<str> = "orders".into();
+        let event_id = EventId::new();
+        let slot = window.reserve().await.expect("a free slot");
+        let (mut receipt, ticket) = window.expect_ack_ticket(slot, &topic, event_id, "order-1").expect("registered");
+        assert!(receipt.try_result().is_none(), "in flight");
+        window.ack_settler().settle(ticket, |id, topic| Ok(PublishAck::new(id, topic)));
+        let ack = receipt.try_result().expect("settled").expect("acked");
+        assert_eq!(ack.event_id, event_id);
+        // Taken once: the receipt has nothing more to give.
+        assert!(receipt.try_result().is_none());
+        assert!(matches!(receipt.await, Err(Error::Closed)));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn acks_time_out_at_their_own_deadlines_and_free_their_slots() {
         let window = window(4, Duration::from_secs(10));

@@ -33,12 +33,13 @@ pub(crate) struct ProducerCallbacks {
     pub(crate) bus: BusContext,
     pub(crate) ack_timeout: Duration,
     /// Settles publishes by the ticket their records carry.
-    pub(crate) acks: AckSettler,
+    acks: AckSettler,
     /// Dead letters sent and not yet reported, by the number their records carry (without the top bit).
     dead_letters: Mutex<Slab<DeadLetterReport>>,
 }
 
 impl ProducerCallbacks {
+    /// The context of a producer whose publishes `acks` settles.
     pub(crate) fn new(bus: BusContext, ack_timeout: Duration, acks: AckSettler) -> Self {
         Self { bus, ack_timeout, acks, dead_letters: Mutex::default() }
     }
