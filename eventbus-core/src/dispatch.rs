@@ -224,8 +224,9 @@ struct State {
     spare: Vec<VecDeque<Queued>>,
 }
 
-/// Most emptied queues [`State::spare`] keeps, and the largest capacity it keeps one with.
+/// Most emptied queues [`State::spare`] keeps.
 const SPARE_QUEUES: usize = 64;
+/// Largest capacity of a queue [`State::spare`] keeps: one grown by a backlog goes back to the allocator.
 const SPARE_CAPACITY: usize = 8;
 
 impl State {

@@ -181,6 +181,12 @@ impl Expected {
         }
     }
 
+    /// Forgets the publish of `ticket` without settling it: its slot frees, nothing is counted or reported.
+    fn withdraw(&self, ticket: AckTicket) {
+        let withdrawn = self.acks().take(ticket);
+        drop(withdrawn);
+    }
+
     /// Takes every publish whose deadline has passed by `now`; returns them and the earliest deadline left.
     fn expire(&self, now: Instant) -> (Vec<Pending>, Option<Instant>) {
         let mut acks = self.acks();
@@ -239,8 +245,7 @@ impl AckCallback {
     /// reported, since `publish` returns the refusal itself.
     pub fn withdraw(mut self) {
         self.armed = false;
-        let withdrawn = self.expected.acks().take(self.ticket);
-        drop(withdrawn);
+        self.expected.withdraw(self.ticket);
     }
 }
 
@@ -261,8 +266,7 @@ impl AckSettler {
     /// Withdraws the publish of `ticket`, which the client refused before sending: its slot is freed and
     /// nothing is counted or reported, since `publish` returns the refusal itself.
     pub fn withdraw(&self, ticket: AckTicket) {
-        let withdrawn = self.expected.acks().take(ticket);
-        drop(withdrawn);
+        self.expected.withdraw(ticket);
     }
 }
 

@@ -30,8 +30,8 @@ type DeadLetterReport = oneshot::Sender<Result<(), KafkaError>>;
 /// The context of the bus's producer. librdkafka reports every record within `message.timeout.ms`, which the bus
 /// sets to `publish.ack_timeout`, so no publish needs a timer of its own.
 pub(crate) struct ProducerCallbacks {
-    pub(crate) bus: BusContext,
-    pub(crate) ack_timeout: Duration,
+    bus: BusContext,
+    ack_timeout: Duration,
     /// Settles publishes by the ticket their records carry.
     acks: AckSettler,
     /// Dead letters sent and not yet reported, by the number their records carry (without the top bit).

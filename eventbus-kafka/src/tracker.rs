@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 pub(crate) struct Tracker {
     state: Mutex<State>,
     settled: Condvar,
-    /// `State::generation`, readable without the lock: while it has not moved since a delivery was received,
-    /// no partition was assigned or revoked, and the delivery is current.
+    /// Bumped (under the lock) on every assignment and revocation; deliveries of an older generation are stale.
+    /// Readable without the lock: while it has not moved since a delivery was received, no partition was
+    /// assigned or revoked, and the delivery is current.
     generation: AtomicU64,
 }
 
@@ -20,8 +21,6 @@ pub(crate) struct Tracker {
 struct State {
     /// A B-tree rather than a hash map: a member holds a few partitions, found in a node or two without hashing.
     partitions: BTreeMap<i32, Partition>,
-    /// Bumped on every assignment and revocation; deliveries of an older generation are stale.
-    generation: u64,
     /// Threads blocked in `wait_settled_blocking` (settling notifies only when there are some).
     waiters: usize,
 }
@@ -104,11 +103,9 @@ impl Tracker {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Starts a new generation: a partition was assigned or revoked.
-    fn next_generation(&self, state: &mut State) -> u64 {
-        state.generation += 1;
-        self.generation.store(state.generation, Ordering::Release);
-        state.generation
+    /// Starts a new generation, under the lock: a partition was assigned or revoked.
+    fn next_generation(&self, _locked: &mut State) -> u64 {
+        self.generation.fetch_add(1, Ordering::AcqRel) + 1
     }
 
     /// Partitions newly assigned to this consumer.
@@ -142,7 +139,8 @@ impl Tracker {
     /// Records that `offset` of `partition` was handed to the dispatcher.
     pub(crate) fn received(&self, partition: i32, offset: i64) -> Ticket {
         let mut state = self.lock();
-        let generation = state.generation;
+        // Read under the lock, which every change of it holds.
+        let generation = self.generation.load(Ordering::Relaxed);
         let p = state.partitions.entry(partition).or_insert_with(|| Partition::new(generation));
         p.receive(offset);
         Ticket { partition, offset, epoch: p.epoch, generation: p.generation, received_in: generation }
