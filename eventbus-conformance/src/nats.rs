@@ -800,7 +800,7 @@ async fn lost_delivery(nats: &Nats) -> anyhow::Result<()> {
 }
 
 /// The versions of the next `count` events, fewer if they do not arrive within the delivery deadline.
-async fn receive_versions(events: &mut mpsc::UnboundedReceiver<Envelope>, count: usize) -> Vec<u64> {
+async fn receive_versions(events: &mut mpsc::UnboundedReceiver<Arc<Envelope>>, count: usize) -> Vec<u64> {
     let mut versions = Vec::new();
     while versions.len() < count {
         match tokio::time::timeout(DELIVERY_DEADLINE, events.recv()).await {

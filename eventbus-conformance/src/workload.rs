@@ -159,7 +159,7 @@ pub async fn forward_into(
     bus: &dyn EventBus,
     topic: &str,
     options: SubscribeOptions,
-) -> eventbus::Result<(Subscription, tokio::sync::mpsc::UnboundedReceiver<Envelope>)> {
+) -> eventbus::Result<(Subscription, tokio::sync::mpsc::UnboundedReceiver<Arc<Envelope>>)> {
     let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
     let subscription = bus
         .subscribe_with(topic, options, move |event| {

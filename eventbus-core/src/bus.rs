@@ -94,7 +94,7 @@ pub trait EventBusExt: EventBus {
     /// [`EventBus::subscribe`] with an async closure as the handler.
     async fn subscribe_with<F, Fut>(&self, topic: &str, options: SubscribeOptions, handler: F) -> Result<Subscription>
     where
-        F: Fn(Envelope) -> Fut + Send + Sync + 'static,
+        F: Fn(Arc<Envelope>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
     {
         self.subscribe(topic, options, Arc::new(handler)).await
@@ -106,20 +106,24 @@ impl<B: EventBus + ?Sized> EventBusExt for B {}
 /// Handles the events of a subscription. Return `Ok` to ack; an error is retried per the retry policy, or
 /// dead-lettered at once when [permanent](HandlerError::permanent).
 ///
-/// Any `Fn(Envelope) -> impl Future<Output = Result<(), HandlerError>>` is a handler.
+/// Any `Fn(Arc<Envelope>) -> impl Future<Output = Result<(), HandlerError>>` is a handler.
+///
+/// The event arrives shared: every attempt, and every backend's decoded copy, is the same `Envelope`, so a
+/// handler call never copies it. Fields read through the `Arc` as through the envelope itself; clone the ones
+/// a handler keeps beyond its call.
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
     /// Handles one event. Called for one event of an aggregate at a time, in publish order.
-    async fn handle(&self, envelope: Envelope) -> Result<(), HandlerError>;
+    async fn handle(&self, envelope: Arc<Envelope>) -> Result<(), HandlerError>;
 }
 
 #[async_trait]
 impl<F, Fut> Handler for F
 where
-    F: Fn(Envelope) -> Fut + Send + Sync + 'static,
+    F: Fn(Arc<Envelope>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
-    async fn handle(&self, envelope: Envelope) -> Result<(), HandlerError> {
+    async fn handle(&self, envelope: Arc<Envelope>) -> Result<(), HandlerError> {
         self(envelope).await
     }
 }

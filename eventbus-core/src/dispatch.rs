@@ -651,7 +651,7 @@ impl Worker {
             };
             counters.bump(Counter::HandlerCalls);
             // A panicking handler is a failed attempt like any other: the worker survives it.
-            let call = AssertUnwindSafe(self.handler.handle((*envelope).clone())).catch_unwind();
+            let call = AssertUnwindSafe(self.handler.handle(envelope.clone())).catch_unwind();
             let call = lazy_timeout(self.settings.handler_timeout, call);
             let reason = match keep_alive.run(&*held.item.as_ref().expect("a held delivery").delivery.acker, call).await
             {
@@ -788,7 +788,7 @@ mod tests {
         let order = Arc::new(Mutex::new(Vec::new()));
         let handler = {
             let (running, order) = (running.clone(), order.clone());
-            move |event: Envelope| {
+            move |event: Arc<Envelope>| {
                 let (running, order) = (running.clone(), order.clone());
                 async move {
                     assert_eq!(running.fetch_add(1, Ordering::SeqCst), 0, "two handlers ran for one key");
@@ -825,7 +825,7 @@ mod tests {
         let handled = Arc::new(tokio::sync::Notify::new());
         let handler = {
             let (seen, handled) = (seen.clone(), handled.clone());
-            move |event: Envelope| {
+            move |event: Arc<Envelope>| {
                 let mut seen = seen.lock().unwrap();
                 let versions = seen.entry(event.aggregate_id.clone()).or_default();
                 versions.push(event.event_version);
@@ -861,7 +861,7 @@ mod tests {
     async fn stopped_and_aborted_workers_leave_no_idle_count() {
         let dispatcher = Dispatcher::new("t", 64, Arc::default(), Arc::new(Discard));
         let idle = || lock(&dispatcher.shared.state).idle;
-        let handler = |_: Envelope| std::future::ready(Ok::<(), HandlerError>(()));
+        let handler = |_: Arc<Envelope>| std::future::ready(Ok::<(), HandlerError>(()));
         let (mut stopped, stop) = start_workers(&dispatcher, handler, 3);
         let (mut aborted, _) = start_workers(&dispatcher, handler, 2);
         while idle() < 5 {
@@ -883,7 +883,7 @@ mod tests {
             (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let handler = {
             let (running, most, done) = (running.clone(), most.clone(), done.clone());
-            move |_: Envelope| {
+            move |_: Arc<Envelope>| {
                 let (running, most, done) = (running.clone(), most.clone(), done.clone());
                 async move {
                     most.fetch_max(running.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);

@@ -150,11 +150,11 @@ async fn payload_limit(backend: &dyn Backend) -> anyhow::Result<()> {
         format_args!(
             "limit={limit} near_limit_bytes={} intact={} oversize_error={:?}",
             near.payload.len(),
-            received.as_ref() == Some(&near),
+            received.as_deref() == Some(&near),
             message
         ),
     );
-    ensure!(received.as_ref() == Some(&near), "a payload near the limit did not arrive intact");
+    ensure!(received.as_deref() == Some(&near), "a payload near the limit did not arrive intact");
     match rejected {
         Err(Error::PayloadTooLarge { limit: l, .. }) if l == limit && message.contains(&limit.to_string()) => Ok(()),
         other => bail!("expected PayloadTooLarge naming {limit}, got {other:?}"),
