@@ -61,5 +61,22 @@ impl Level {
 
 /// The aggregate index of a workload aggregate id (`<run>-agg-<i>`).
 pub fn aggregate_index(aggregate_id: &str) -> Option<usize> {
-    aggregate_id.rsplit_once("-agg-").and_then(|(_, index)| index.parse().ok())
+    // Split at the last '-' (a byte search), then check the rest: a substring search would set up a searcher for
+    // every delivery the tally records.
+    let (prefix, index) = aggregate_id.rsplit_once('-')?;
+    prefix.ends_with("-agg").then(|| index.parse().ok()).flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aggregate_index_reads_only_workload_ids() {
+        assert_eq!(aggregate_index("bench-kafka-0a1b-agg-42"), Some(42));
+        assert_eq!(aggregate_index("x-agg-0"), Some(0));
+        for foreign in ["order-7", "agg-7", "x-agg-", "x-agg-7a", "x-agg--7", "x-aggregate-7", ""] {
+            assert_eq!(aggregate_index(foreign), None, "{foreign:?}");
+        }
+    }
 }
