@@ -54,9 +54,21 @@ impl Partition {
         self.next = self.next.max(offset + 1);
     }
 
+    /// Where `offset` is in flight, if it is.
+    fn index_of(&self, offset: i64) -> Option<usize> {
+        // A partition's offsets are nearly always consecutive: the offset's distance from the front is its
+        // place, and the search is only for the gaps compaction or transaction markers leave.
+        let front = self.in_flight.front()?.0;
+        let guess = usize::try_from(offset - front).ok()?;
+        if self.in_flight.get(guess).is_some_and(|&(o, _)| o == offset) {
+            return Some(guess);
+        }
+        self.in_flight.binary_search_by_key(&offset, |&(o, _)| o).ok()
+    }
+
     /// Settles `offset` if it is in flight and unsettled; returns whether it was.
     fn settle(&mut self, offset: i64) -> bool {
-        let Ok(at) = self.in_flight.binary_search_by_key(&offset, |&(o, _)| o) else {
+        let Some(at) = self.index_of(offset) else {
             return false;
         };
         let settled = std::mem::replace(&mut self.in_flight[at].1, true);
@@ -265,6 +277,25 @@ mod tests {
         assert_eq!(tracker.advanced(None), [(0, 3)]);
         tracker.handled(&first[3]);
         assert_eq!(tracker.advanced(None), [(0, 4)]);
+        assert!(!tracker.in_flight(None));
+    }
+
+    #[test]
+    fn offsets_with_gaps_settle_in_their_place() {
+        let tracker = Tracker::default();
+        tracker.assign(&[0]);
+        // Compaction or transaction markers leave gaps: 11 and 14..=16 never arrive.
+        let tickets: Vec<Ticket> = [10, 12, 13, 17].iter().map(|&o| tracker.received(0, o)).collect();
+        tracker.handled(&tickets[2]);
+        tracker.handled(&tickets[3]);
+        assert_eq!(tracker.advanced(None), [(0, 10)]);
+        // A ticket for an offset never received settles nothing.
+        tracker.handled(&Ticket { offset: 11, ..tickets[0] });
+        assert_eq!(tracker.advanced(None), []);
+        tracker.handled(&tickets[0]);
+        assert_eq!(tracker.advanced(None), [(0, 12)]);
+        tracker.handled(&tickets[1]);
+        assert_eq!(tracker.advanced(None), [(0, 18)]);
         assert!(!tracker.in_flight(None));
     }
 
