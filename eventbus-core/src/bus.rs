@@ -108,9 +108,9 @@ impl<B: EventBus + ?Sized> EventBusExt for B {}
 ///
 /// Any `Fn(Arc<Envelope>) -> impl Future<Output = Result<(), HandlerError>>` is a handler.
 ///
-/// The event arrives shared: every attempt, and every backend's decoded copy, is the same `Envelope`, so a
-/// handler call never copies it. Fields read through the `Arc` as through the envelope itself; clone the ones
-/// a handler keeps beyond its call.
+/// The event arrives shared: the dispatcher keeps one `Envelope` per delivery and hands every attempt that same
+/// one, so a handler call never copies it. Fields read through the `Arc` as through the envelope itself; clone
+/// the ones a handler keeps beyond its call.
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
     /// Handles one event. Called for one event of an aggregate at a time, in publish order.

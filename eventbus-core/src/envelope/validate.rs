@@ -147,6 +147,11 @@ const fn byte_classes() -> [u8; 256] {
     classes
 }
 
+/// Whether `b` is in `class`.
+fn in_class(b: u8, class: u8) -> bool {
+    BYTE_CLASSES[usize::from(b)] & class != 0
+}
+
 /// Whether every byte of `bytes` is in `class`. Reads every byte without stopping early: nearly every value
 /// passes.
 fn all_in_class(bytes: &[u8], class: u8) -> bool {
@@ -168,10 +173,7 @@ fn validate_aggregate_id(id: &str) -> Result<(), ValidationError> {
     }
     // Bytes rather than chars: every allowed character is ASCII, so the first refused byte starts a character.
     if !all_in_class(id.as_bytes(), AGGREGATE_ID_BYTE) {
-        let position = id
-            .bytes()
-            .position(|b| BYTE_CLASSES[usize::from(b)] & AGGREGATE_ID_BYTE == 0)
-            .expect("a refused byte is there");
+        let position = id.bytes().position(|b| !in_class(b, AGGREGATE_ID_BYTE)).expect("a refused byte is there");
         let character = id[position..].chars().next().expect("a refused byte starts a character");
         return Err(ValidationError::AggregateIdCharacter { character, position });
     }
