@@ -41,25 +41,37 @@ pub struct Delivery {
 }
 
 /// What a delivery carries.
+///
+/// Two words either way: deliveries move through queues and workers by value, and the rare undecodable
+/// message is boxed so it does not size all of them.
 #[derive(Debug)]
 pub enum Message {
     /// A decoded event.
     Event(Arc<Envelope>),
     /// A message that could not be decoded: it is dead-lettered as it is.
-    Undecodable {
-        /// The raw message.
-        wire: WireMessage,
-        /// Why decoding failed.
-        error: DecodeError,
-    },
+    Undecodable(Box<Undecodable>),
+}
+
+/// A message that could not be decoded, kept whole for the dead-letter topic.
+#[derive(Debug)]
+pub struct Undecodable {
+    /// The raw message.
+    pub wire: WireMessage,
+    /// Why decoding failed.
+    pub error: DecodeError,
 }
 
 impl Message {
+    /// A message that could not be decoded, for `error`.
+    pub fn undecodable(wire: WireMessage, error: DecodeError) -> Self {
+        Message::Undecodable(Box::new(Undecodable { wire, error }))
+    }
+
     fn key(&self) -> Key {
         match self {
             Message::Event(envelope) => Key(Some(envelope.clone())),
             // Undecodable messages have no trustworthy aggregate; they share one key of their own.
-            Message::Undecodable { .. } => Key(None),
+            Message::Undecodable(_) => Key(None),
         }
     }
 }
@@ -627,10 +639,10 @@ impl Worker {
         let counters = &self.shared.counters;
         let envelope = match &held.item.as_ref().expect("a held delivery").delivery.message {
             Message::Event(envelope) => envelope.clone(),
-            Message::Undecodable { wire, error } => {
+            Message::Undecodable(undecodable) => {
                 counters.bump(Counter::Undecodable);
-                let mut wire = wire.clone();
-                let reason = format!("undecodable: {error}");
+                let mut wire = undecodable.wire.clone();
+                let reason = format!("undecodable: {}", undecodable.error);
                 tracing::warn!(topic = %self.shared.topic, %reason, "dead-lettering a message that cannot be decoded");
                 wire.set_header(wire::DEAD_LETTER_REASON, header_safe(&reason));
                 wire.set_header(wire::DEAD_LETTER_ATTEMPTS, "0");

@@ -504,7 +504,7 @@ async fn dispatch_batch(
             Stored::Event(envelope) => Message::Event(envelope),
             Stored::Raw(wire) => match wire.decode() {
                 Ok(envelope) => Message::Event(Arc::new(envelope)),
-                Err(error) => Message::Undecodable { wire: (*wire).clone(), error },
+                Err(error) => Message::undecodable((*wire).clone(), error),
             },
         };
         let slot = match group.dispatcher.try_reserve() {

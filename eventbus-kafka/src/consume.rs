@@ -187,12 +187,14 @@ fn delivery<M: rdkafka::Message>(record: &M, acker: KafkaAcker) -> Delivery {
         Ok(envelope) => Message::Event(Arc::new(envelope)),
         Err(error) => {
             let headers = headers().map(|(k, v)| (k.to_owned(), String::from_utf8_lossy(v).into_owned())).collect();
-            Message::Undecodable { wire: WireMessage { headers, payload: payload() }, error }
+            Message::undecodable(WireMessage { headers, payload: payload() }, error)
         }
     }));
-    let message = message.unwrap_or_else(|_| Message::Undecodable {
-        wire: WireMessage { headers: Vec::new(), payload: payload() },
-        error: DecodeError::MalformedHeader { name: "header name", reason: "not valid UTF-8".into() },
+    let message = message.unwrap_or_else(|_| {
+        Message::undecodable(
+            WireMessage { headers: Vec::new(), payload: payload() },
+            DecodeError::MalformedHeader { name: "header name", reason: "not valid UTF-8".into() },
+        )
     });
     Delivery { message, acker: Box::new(acker) }
 }

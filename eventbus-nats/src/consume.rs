@@ -450,7 +450,7 @@ fn delivery(message: jetstream::Message, claim: Arc<Claim>, placed: Option<Place
     let decoded = wire::decode(headers().map(|(n, v)| (n, v.as_bytes())), message.payload.clone());
     let message_kind = match decoded {
         Ok(envelope) => Message::Event(Arc::new(envelope)),
-        Err(error) => Message::Undecodable { wire: raw(headers(), &message.payload), error },
+        Err(error) => Message::undecodable(raw(headers(), &message.payload), error),
     };
     Delivery { message: message_kind, acker: Box::new(NatsAcker { message, placed, claim: Unsettled::new(claim) }) }
 }
