@@ -867,6 +867,12 @@ mod tests {
         assert!(lock(&dispatcher.shared.state).ready.is_empty());
     }
 
+    #[test]
+    fn a_message_stays_two_words() {
+        // Deliveries move by value through queues and workers; a wider message turns each move into a memcpy.
+        assert_eq!(std::mem::size_of::<Message>(), 2 * std::mem::size_of::<usize>());
+    }
+
     /// Workers waiting for work are counted as idle, and uncounted however they stop: a dispatcher outlives the
     /// workers of one subscription.
     #[tokio::test]
