@@ -28,8 +28,16 @@ impl EventId {
     /// A new time-ordered (UUIDv7) id: ids made on one thread sort in the order they were made; ids made on
     /// different threads sort by their millisecond.
     pub fn new() -> Self {
+        Self::at(SystemTime::now())
+    }
+
+    /// A new time-ordered id for an event created at `time`: the envelope builder reads the clock once for
+    /// both the id and the timestamp, so the two agree and building an event costs one clock read, not two.
+    fn at(time: SystemTime) -> Self {
+        let since_epoch = time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let (seconds, nanos) = (since_epoch.as_secs(), since_epoch.subsec_nanos());
         // A thread whose locals are already gone (an id made in a destructor) uses the shared clock.
-        let id = CLOCK_V7.try_with(|clock| uuid::Uuid::new_v7(uuid::Timestamp::now(clock)));
+        let id = CLOCK_V7.try_with(|clock| uuid::Uuid::new_v7(uuid::Timestamp::from_unix(clock, seconds, nanos)));
         Self(id.unwrap_or_else(|_| uuid::Uuid::now_v7()))
     }
 
@@ -115,13 +123,14 @@ pub struct Envelope {
 impl Envelope {
     /// Starts an envelope for `aggregate_id` with the given `event_type`, version 1 and a fresh id and timestamp.
     pub fn builder(aggregate_id: impl Into<String>, event_type: impl Into<String>) -> EnvelopeBuilder {
+        let now = SystemTime::now();
         EnvelopeBuilder {
             envelope: Envelope {
-                event_id: EventId::new(),
+                event_id: EventId::at(now),
                 aggregate_id: aggregate_id.into(),
                 event_type: event_type.into(),
                 event_version: 1,
-                timestamp: SystemTime::now(),
+                timestamp: now,
                 trace_id: None,
                 correlation_id: None,
                 tenant_id: None,
@@ -209,6 +218,14 @@ mod tests {
         let ids: Vec<EventId> = (0..10_000).map(|_| EventId::new()).collect();
         assert!(ids.windows(2).all(|pair| pair[0] < pair[1]));
         assert!(ids.iter().all(|id| id.as_uuid().get_version_num() == 7));
+    }
+
+    #[test]
+    fn a_built_envelope_carries_its_timestamp_in_its_id() {
+        let envelope = Envelope::builder("cart-1", "ItemAdded").payload("{}").build().unwrap();
+        let millis = envelope.timestamp.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let (seconds, nanos) = envelope.event_id.as_uuid().get_timestamp().unwrap().to_unix();
+        assert_eq!(seconds * 1000 + u64::from(nanos) / 1_000_000, millis);
     }
 
     #[test]
