@@ -487,12 +487,26 @@ impl PublishWindow {
         aggregate_id: &str,
         result: Result<PublishAck>,
     ) -> PublishReceipt {
+        let receipt = self.settle_stored(topic, event_id, aggregate_id, result).await;
+        drop(slot);
+        receipt
+    }
+
+    /// Settles a publish that was stored, or refused, as it was sent without ever taking a slot: a backend that
+    /// stores synchronously (the in-memory one) has nothing in flight to bound. Counted and reported like any
+    /// other, and its receipt is ready at once.
+    pub async fn settle_stored(
+        &self,
+        topic: &Arc<str>,
+        event_id: EventId,
+        aggregate_id: &str,
+        result: Result<PublishAck>,
+    ) -> PublishReceipt {
         record(&self.counters, &result);
         if let Some(results) = &self.results {
             // A reader that stopped reading must not hold publishers past close().
             report(results, &self.give_up, event_id, topic, aggregate_id.to_owned(), &result).await;
         }
-        drop(slot);
         PublishReceipt::settled(event_id, result)
     }
 

@@ -228,6 +228,36 @@ impl Inner {
         Ok(())
     }
 
+    /// Publishes during an outage: the publish takes a window slot and waits for its ack there, as on a broker
+    /// that does not answer, until [`MemoryBus::resume`] stores it (or it times out). An outage that ended in
+    /// the meantime stores it at once.
+    async fn publish_in_outage(
+        &self,
+        topic: &Arc<Topic>,
+        room: SemaphorePermit<'_>,
+        envelope: &Arc<Envelope>,
+        ack: PublishAck,
+    ) -> Result<PublishReceipt> {
+        let slot = self.core.admit().await?;
+        // Kept until every group has read the event (see `reserve_room`); a failed admit above gave it back.
+        room.forget();
+        let (event_id, aggregate_id) = (envelope.event_id, envelope.aggregate_id.as_str());
+        let receipt = match self.hold_if_paused(topic, Stored::Event(envelope.clone())) {
+            Ok(stored_at) => {
+                let ack = async move {
+                    stored_at.await.map(|offset| ack.with_sequence(offset)).map_err(|_| Error::ClosedBeforeAck)
+                };
+                self.core.window.submit(slot, &topic.name, event_id, aggregate_id, ack).await
+            }
+            Err(stored) => {
+                let offset = topic.append_reserved(stored, &self.config);
+                let acked = Ok(ack.with_sequence(offset));
+                self.core.window.settle(slot, &topic.name, event_id, aggregate_id, acked).await
+            }
+        };
+        Ok(receipt)
+    }
+
     /// During an outage, holds `stored` and returns where its offset will be reported; otherwise gives it back.
     fn hold_if_paused(
         &self,
@@ -562,30 +592,22 @@ impl EventBus for MemoryBus {
         // Shared with the log and the groups' dispatchers once stored.
         let envelope = Arc::new(envelope);
         let topic = inner.topic(topic);
-        // Room before the window's slot: a publish waiting for consumers to catch up then holds no slot, and
-        // the publish that gets room is not woken a second time for a slot freed by another.
+        // Room first: a publish waiting for consumers to catch up then holds no window slot.
         let room = topic.reserve_room(&inner.config).await?;
-        let slot = inner.core.admit().await?;
-        // Kept until every group has read the event (see `reserve_room`); a failed admit above gave it back.
-        room.forget();
         let (event_id, aggregate_id) = (envelope.event_id, envelope.aggregate_id.as_str());
         let ack = PublishAck::new(event_id, &*topic.name);
-        let receipt = match inner.hold_if_paused(&topic, Stored::Event(envelope.clone())) {
-            Ok(stored_at) => {
-                let ack = async move {
-                    stored_at.await.map(|offset| ack.with_sequence(offset)).map_err(|_| Error::ClosedBeforeAck)
-                };
-                // Boxed: an outage is rare, and this path's state would otherwise size every publish future.
-                Box::pin(inner.core.window.submit(slot, &topic.name, event_id, aggregate_id, ack)).await
-            }
-            Err(stored) => {
-                // Stored at once: the receipt settles here, without the window's collector.
-                let offset = topic.append_reserved(stored, &inner.config);
-                let acked = Ok(ack.with_sequence(offset));
-                inner.core.window.settle(slot, &topic.name, event_id, aggregate_id, acked).await
-            }
-        };
-        Ok(receipt)
+        if inner.outage.paused.load(Ordering::Acquire) {
+            // Boxed: an outage is rare, and this path's state would otherwise size every publish future.
+            return Box::pin(inner.publish_in_outage(&topic, room, &envelope, ack)).await;
+        }
+        inner.core.count_rejection(inner.core.ensure_open())?;
+        // Kept until every group has read the event (see `reserve_room`).
+        room.forget();
+        // Stored at once, so the publish never waits for an ack and needs no slot in the window: the window's
+        // semaphore, shared by every publisher, stays untouched on this path.
+        let offset = topic.append_reserved(Stored::Event(envelope.clone()), &inner.config);
+        let acked = Ok(ack.with_sequence(offset));
+        Ok(inner.core.window.settle_stored(&topic.name, event_id, aggregate_id, acked).await)
     }
 
     async fn subscribe(
