@@ -232,7 +232,7 @@ async fn publish_all(
                         // The bus's publish latency, its window's wait included and this bench's bookkeeping not.
                         let accepted = sent.elapsed();
                         match receipt.try_result() {
-                            Some(acked) => receipts.settled(&timings, sent, accepted, acked.is_ok()),
+                            Some(acked) => receipts.settled(&timings, accepted, acked.is_ok()),
                             None => {
                                 // Room is taken only for a receipt the collector has to wait for: the bus's own
                                 // window bounds what is in flight.
